@@ -1,0 +1,33 @@
+// The fastkd operator library: every op's schema, and the Python module that loads them.
+//
+// Kernels register themselves per device in csrc/cpu/<loss>.cpp and csrc/cuda/<loss>.cu;
+// autograd and fake (meta) implementations are registered from Python (fastkd/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastkd, m) {
+  // Soft-target cross-entropy family (Hinton KD, CE-mixed KD, guided KD, teacher cohorts), one
+  // pass per row. See csrc/cpu/kd_loss.cpp for the exact contract of every argument.
+  m.def(
+      "kd_loss_fwd(Tensor student, Tensor[] teachers, Tensor? labels, Tensor? kd_row_weights, "
+      "Tensor? ce_row_weights, float[] kd_coefs, float ce_coef, float temperature, "
+      "float label_smoothing, int ignore_index, bool per_row, bool compute_grad) "
+      "-> (Tensor loss, Tensor grad)");
+  // Backward of every loss whose forward already wrote the gradient: grad *= grad_output, in
+  // place, row by row when grad_output has one value per row. Does nothing when grad_output is a
+  // scalar exactly equal to 1 (read on the device, no host sync).
+  m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+}
+
+static PyModuleDef fastkd_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&fastkd_module);
+  if (module == nullptr) return nullptr;
+#ifdef FASTKD_WITH_CUDA
+  PyModule_AddIntConstant(module, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(module, "with_cuda", 0);
+#endif
+  return module;
+}

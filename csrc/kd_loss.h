@@ -1,0 +1,47 @@
+// Arguments of the fused soft-target cross-entropy kernels (fastkd::kd_loss_fwd), shared by the
+// CPU and CUDA implementations. Plain data, so it can be passed to a CUDA kernel by value.
+//
+// For row b (b < rows; row b lives at (b / inner) * stride_outer + (b % inner) * stride_inner):
+//   q = softmax(s / T), p_k = softmax(t_k / T), w_k = kd_coef[k] * kd_row_weights[k, b],
+//   v = ce_coef * ce_row_weights[b], target = (1 - eps) * onehot(y_b) + eps / C
+//   loss_b = T * sum_k w_k * KL(p_k || q) + v * CE(softmax(s), target)
+//   grad_b = sum_k w_k * (q - p_k) + v * (softmax(s) - target)
+// A term whose weight is 0 contributes exactly 0 (never 0 * inf), so ignored rows and guided rows
+// the teacher got wrong cost nothing and produce no NaN.
+#pragma once
+
+#include <cstdint>
+
+namespace fastkd {
+
+constexpr int kMaxTeachers = 8;
+
+struct KDLossArgs {
+  int64_t rows = 0;
+  int64_t inner = 1;  // rows are [outer, inner]; see above
+  int64_t cols = 0;
+  const void* student = nullptr;
+  int64_t s_stride_outer = 0, s_stride_inner = 0;
+  int num_teachers = 0;
+  const void* teachers[kMaxTeachers] = {};
+  int64_t t_stride_outer[kMaxTeachers] = {};
+  int64_t t_stride_inner[kMaxTeachers] = {};
+  double kd_coef[kMaxTeachers] = {};
+  // Row weights are float32 (float64 for float64 logits).
+  const void* kd_row_weights = nullptr;   // [K, rows] or nullptr (all 1)
+  int64_t kd_row_weights_stride = 0;      // elements between teachers' rows (0: shared)
+  const int64_t* labels = nullptr;        // [rows]; read only when ce_coef != 0
+  const void* ce_row_weights = nullptr;   // [rows] or nullptr (all 1)
+  double ce_coef = 0.0;
+  double temperature = 1.0;
+  double label_smoothing = 0.0;
+  int64_t ignore_index = -100;
+  void* row_loss = nullptr;  // [rows], float32 (float64 for float64 inputs)
+  void* grad = nullptr;      // contiguous [rows, cols] in the student's dtype, or nullptr
+};
+
+inline int64_t row_offset(int64_t row, int64_t inner, int64_t stride_outer, int64_t stride_inner) {
+  return inner == 1 ? row * stride_outer : (row / inner) * stride_outer + (row % inner) * stride_inner;
+}
+
+}  // namespace fastkd

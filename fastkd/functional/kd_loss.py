@@ -1,0 +1,244 @@
+"""``fastkd.kd_loss``: temperature-scaled knowledge distillation, fused.
+
+For rows ``b`` (leading dims of ``[..., C]`` logits flattened), ``q = softmax(s / T)`` and, per
+teacher ``k``, ``p_k = softmax(t_k / T)``::
+
+    KD_k = T^2 * sum_{b in R_k} KL(p_kb || q_b) / |R_k|          (reduction="batchmean")
+    loss = alpha * sum_k w_k * KD_k + (1 - alpha) * CE(s, y)        (alpha given)
+    loss = sum_k w_k * KD_k                                          (alpha=None)
+    d loss / d s_b = alpha * T * sum_k w_k [b in R_k] (q_b - p_kb) / |R_k|
+                     + (1 - alpha) [b counted] (softmax(s_b) - target_b) / |counted|
+
+``R_k`` are the counted rows (label != ignore_index; all rows without labels), restricted with
+``guided=True`` to the rows where teacher ``k``'s argmax equals the label (GKD, Zhou et al. 2020);
+``|R_k| = 0`` gives 0, never NaN. CE is at temperature 1 with target
+``(1 - eps) * onehot(y) + eps / C``. ``"sum"`` drops the division, ``"mean"`` divides the KD part
+by ``|R_k| * C`` (torch's element-wise mean) and the CE part by ``|counted|``, ``"none"`` returns
+each row's ``alpha * sum_k w_k T^2 KL_kb [b in R_k] + (1 - alpha) CE_b``.
+
+The compiled backends compute one row per program in one pass: softmax statistics, the loss and --
+when the student requires grad -- the gradient, written while the row is in cache. Per-row weights
+that depend on the whole batch (``1/|R_k|``) are computed before the kernel from labels (and, for
+guided KD, the teachers' argmax) with a few small tensor ops, so the gradient is final when written
+and the backward only rescales it by ``grad_output``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import backends
+from .._inputs import (
+    as_rows3d,
+    check_choice,
+    check_float_tensor,
+    check_real,
+    check_same_device,
+    check_tensor_list,
+    check_weights,
+)
+
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+# Teachers a compiled kernel takes in one launch (csrc/kd_loss.h: kMaxTeachers).
+MAX_KERNEL_TEACHERS = 8
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float | None = None,
+    label_smoothing: float = 0.0,
+    guided: bool = False,
+    ignore_index: int = -100,
+    teacher_weights: Sequence[float] | None = None,
+    reduction: str = "batchmean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Knowledge-distillation loss ``T^2 KL(softmax(t/T) || softmax(s/T))``, optionally mixed
+    with hard-label cross-entropy, guided (GKD) and summed over a teacher cohort.
+
+    Args:
+        student_logits: ``[..., C]`` float32/bfloat16/float16 (float64 on CPU) logits.
+        teacher_logits: a tensor of the student's shape, or a list/tuple of them (a cohort,
+            e.g. DIH's intermediate heads plus the teacher), any float dtype. Never differentiated.
+        labels: integer class indices of shape ``student_logits.shape[:-1]``; needed for
+            ``alpha``, ``guided`` and ``ignore_index``.
+        temperature: ``T > 0``.
+        alpha: weight of the KD term; ``1 - alpha`` weighs cross-entropy at ``T = 1``.
+            ``None``: KD alone.
+        label_smoothing: ``eps`` of the CE target (needs ``alpha``).
+        guided: count a teacher's KD term only on rows it classifies correctly.
+        ignore_index: label value whose rows count nowhere.
+        teacher_weights: one non-negative weight per teacher (default all 1.0).
+        reduction: ``"batchmean"`` (default), ``"sum"``, ``"mean"`` or ``"none"``.
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        A float32 scalar (float64 for float64 inputs), or per-row values of shape
+        ``student_logits.shape[:-1]`` for ``reduction="none"``.
+    """
+    args = _check_args(
+        student_logits, teacher_logits, labels, temperature, alpha, label_smoothing, guided,
+        ignore_index, teacher_weights, reduction,
+    )
+    student, teachers, labels = args
+    weights = check_weights(teacher_weights, len(teachers), "teacher_weights")
+    chosen = _choose_backend(student, teachers, backend)
+    if chosen == "torch":
+        from ..reference import kd_loss_ref
+
+        return kd_loss_ref(
+            student, teachers, labels, temperature=temperature, alpha=alpha,
+            label_smoothing=label_smoothing, guided=guided, ignore_index=ignore_index,
+            teacher_weights=weights, reduction=reduction,
+        )
+
+    s3 = as_rows3d(student)
+    t3 = [as_rows3d(t) for t in teachers]
+    y = None if labels is None else labels.reshape(-1).to(torch.int64)
+    kd_coefs, ce_coef, kd_row_weights, ce_row_weights = _plan(
+        s3, t3, y, temperature, alpha, guided, ignore_index, weights, reduction
+    )
+    op = torch.ops.fastkd.kd_loss_fwd if chosen != "triton" else torch.ops.fastkd.kd_loss_fwd_triton
+    compute_grad = torch.is_grad_enabled() and student.requires_grad
+    loss, _ = op(
+        s3, t3, y, kd_row_weights, ce_row_weights, kd_coefs, ce_coef, float(temperature),
+        float(label_smoothing), int(ignore_index), reduction == "none", compute_grad,
+    )
+    if reduction == "none":
+        return loss.view(student.shape[:-1])
+    return loss
+
+
+def _check_args(
+    student, teacher_logits, labels, temperature, alpha, label_smoothing, guided, ignore_index,
+    teacher_weights, reduction,
+):
+    student = check_float_tensor(student, "student_logits")
+    teachers = check_tensor_list(teacher_logits, "teacher_logits")
+    for i, t in enumerate(teachers):
+        name = "teacher_logits" if len(teachers) == 1 else f"teacher_logits[{i}]"
+        check_float_tensor(t, name)
+        check_same_device(student, t, name, "student_logits")
+        if t.shape != student.shape:
+            what = "class count" if t.shape[:-1] == student.shape[:-1] else "shape"
+            raise ValueError(
+                f"{name} must have the student's shape {tuple(student.shape)}, got "
+                f"{tuple(t.shape)} (mismatched {what})"
+            )
+    if student.dim() == 0:
+        raise ValueError("student_logits must have a class dimension, got a 0-d tensor")
+    if student.numel() == 0:
+        raise ValueError(
+            f"student_logits must hold at least one row and one class, got shape "
+            f"{tuple(student.shape)} (empty batch)"
+        )
+    check_real(temperature, "temperature", low=0.0, low_open=True)
+    if alpha is not None:
+        check_real(alpha, "alpha", low=0.0, high=1.0)
+    check_real(label_smoothing, "label_smoothing", low=0.0, high=1.0)
+    if not isinstance(guided, bool):
+        raise TypeError(f"guided must be a bool, got {type(guided).__name__}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_choice(reduction, "reduction", REDUCTIONS)
+    if labels is None:
+        if alpha is not None:
+            raise ValueError("alpha mixes in cross-entropy on hard labels: pass labels")
+        if guided:
+            raise ValueError("guided=True compares the teacher's argmax with labels: pass labels")
+    else:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"labels must be an int64 or int32 tensor, got {labels.dtype}")
+        if labels.shape != student.shape[:-1]:
+            raise ValueError(
+                f"labels must have shape {tuple(student.shape[:-1])} (the logits' leading dims), "
+                f"got {tuple(labels.shape)}"
+            )
+        check_same_device(student, labels, "labels", "student_logits")
+    if label_smoothing != 0 and alpha is None:
+        raise ValueError(
+            "label_smoothing applies to the cross-entropy term, which needs alpha (got alpha=None)"
+        )
+    mixed64 = {t.dtype == torch.float64 for t in [student, *teachers]}
+    if len(mixed64) > 1:
+        raise TypeError(
+            "float64 logits must be float64 for student_logits and teacher_logits alike, got "
+            f"{student.dtype} and {', '.join(str(t.dtype) for t in teachers)}"
+        )
+    common = teachers[0].dtype
+    for t in teachers[1:]:
+        common = torch.promote_types(common, t.dtype)
+    # A cohort in mixed dtypes runs in its common dtype (a copy of the odd ones only).
+    teachers = [t if t.dtype == common else t.to(common) for t in teachers]
+    return student, teachers, labels
+
+
+def _choose_backend(student: torch.Tensor, teachers: list[torch.Tensor], requested: str) -> str:
+    k = len(teachers)
+    f64 = student.dtype == torch.float64
+
+    def too_many() -> str | None:
+        if k > MAX_KERNEL_TEACHERS:
+            return f"{k} teachers; the kernels take at most {MAX_KERNEL_TEACHERS}"
+        return None
+
+    def gpu_reason() -> str | None:
+        if f64:
+            return "float64 runs on the CPU backend only"
+        return too_many()
+
+    return backends.choose(
+        "kd_loss",
+        requested,
+        student.device,
+        {"cpu": too_many, "cuda": gpu_reason, "triton": gpu_reason},
+    )
+
+
+def _plan(
+    s3: torch.Tensor,
+    t3: list[torch.Tensor],
+    labels: torch.Tensor | None,
+    temperature: float,
+    alpha: float | None,
+    guided: bool,
+    ignore_index: int,
+    weights: list[float],
+    reduction: str,
+) -> tuple[list[float], float, torch.Tensor | None, torch.Tensor | None]:
+    """The kernel's coefficients: kd_coefs[k] * kd_row_weights[k, b] is teacher k's gradient
+    weight on row b, ce_coef * ce_row_weights[b] the CE weight (see csrc/kd_loss.h)."""
+    rows, classes = s3.shape[0] * s3.shape[1], s3.shape[2]
+    normalise = reduction in ("batchmean", "mean")
+    kd_scale = (1.0 if alpha is None else float(alpha)) * float(temperature)
+    if reduction == "mean":
+        kd_scale /= classes
+    kd_coefs = [kd_scale * w for w in weights]
+    ce_coef = 0.0 if alpha is None else 1.0 - float(alpha)
+    if labels is None:
+        if normalise:
+            kd_coefs = [c / rows for c in kd_coefs]
+        return kd_coefs, ce_coef, None, None
+
+    # Row weights in the kernels' accumulation dtype.
+    dtype = torch.float64 if s3.dtype == torch.float64 else torch.float32
+    counted = labels != ignore_index
+    ce_row_weights = counted.to(dtype)
+    if normalise:
+        ce_row_weights = ce_row_weights / counted.sum().clamp_min(1)
+    if guided:
+        hits = torch.stack([t.argmax(-1).reshape(-1) == labels for t in t3]) & counted
+        kd_row_weights = hits.to(dtype)
+        if normalise:
+            kd_row_weights = kd_row_weights / hits.sum(1, keepdim=True).clamp_min(1)
+    else:
+        kd_row_weights = ce_row_weights.expand(len(t3), rows)
+    return kd_coefs, ce_coef, kd_row_weights, (ce_row_weights if ce_coef != 0.0 else None)

@@ -1,0 +1,5 @@
+"""``nn.Module`` forms of the fastkd losses."""
+
+from .kd_loss import KDLoss
+
+__all__ = ["KDLoss"]

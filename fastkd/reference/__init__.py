@@ -1,0 +1,6 @@
+"""Plain-PyTorch implementations of every fastkd loss: the float64 test oracle and the
+``backend="torch"`` fallback. Names: ``fastkd.reference.<loss>_ref``."""
+
+from .kd_loss import kd_loss_ref
+
+__all__ = ["kd_loss_ref"]

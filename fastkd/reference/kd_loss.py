@@ -1,0 +1,76 @@
+"""Plain-PyTorch KD loss: the test oracle (run in float64) and the ``"torch"`` backend.
+
+Written straight from the definitions in ``fastkd.kd_loss``'s docstring and PAPERS.md section 1-3,
+independently of the fused kernels' coefficient plan, so the two can check each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_loss_ref(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float | None = None,
+    label_smoothing: float = 0.0,
+    guided: bool = False,
+    ignore_index: int = -100,
+    teacher_weights: Sequence[float] | None = None,
+    reduction: str = "batchmean",
+) -> torch.Tensor:
+    """Same arguments and result as :func:`fastkd.kd_loss` (computed in float32, or float64 for
+    float64 inputs); differentiable through autograd."""
+    teachers = [teacher_logits] if isinstance(teacher_logits, torch.Tensor) else list(teacher_logits)
+    weights = [1.0] * len(teachers) if teacher_weights is None else list(teacher_weights)
+    acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    classes = student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
+    s = student_logits.reshape(-1, classes).to(acc)
+    rows = s.shape[0]
+    T = float(temperature)
+    y = None if labels is None else labels.reshape(-1).long()
+    counted = torch.ones(rows, dtype=torch.bool, device=s.device) if y is None else y != ignore_index
+
+    def reduce(per_row: torch.Tensor, kept: torch.Tensor, per_class: bool) -> torch.Tensor:
+        if reduction == "sum":
+            return per_row.sum()
+        n = kept.sum().clamp_min(1).to(acc)
+        if reduction == "mean" and per_class:
+            n = n * classes
+        return per_row.sum() / n
+
+    log_q = F.log_softmax(s / T, dim=-1)
+    kd_weight = 1.0 if alpha is None else float(alpha)
+    per_row = torch.zeros(rows, dtype=acc, device=s.device)
+    total = torch.zeros((), dtype=acc, device=s.device)
+    for t, w in zip(teachers, weights):
+        t = t.detach().reshape(-1, classes).to(acc)
+        log_p = F.log_softmax(t / T, dim=-1)
+        p = log_p.exp()
+        # 0 * log 0 = 0: classes the teacher rules out (p = 0, e.g. -inf logits) contribute nothing.
+        kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+        kept = counted if not guided else counted & (t.argmax(-1) == y)
+        term = torch.where(kept, T * T * kl, 0.0)
+        per_row = per_row + kd_weight * w * term
+        total = total + kd_weight * w * reduce(term, kept, per_class=True)
+
+    if alpha is not None:
+        eps = float(label_smoothing)
+        log_sm = F.log_softmax(s, dim=-1)
+        target = torch.full_like(s, eps / classes)
+        target[torch.arange(rows, device=s.device), torch.where(counted, y, 0)] += 1.0 - eps
+        ce = -torch.where(target > 0, target * log_sm, 0.0).sum(-1)
+        ce = torch.where(counted, ce, 0.0)
+        per_row = per_row + (1.0 - alpha) * ce
+        total = total + (1.0 - alpha) * reduce(ce, counted, per_class=False)
+
+    if reduction == "none":
+        return per_row.view(lead)
+    return total

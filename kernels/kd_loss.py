@@ -1,0 +1,257 @@
+"""Triton kernels of ``fastkd::kd_loss_fwd_triton`` (same contract as csrc/kd_loss.h).
+
+    q = softmax(s / T), p_k = softmax(t_k / T), w_k = kd_coef[k] * kd_row_weights[k, b]
+    loss_b = T * sum_k w_k * KL(p_k || q) + v * CE(softmax(s), target),  v = ce_coef * ce_w[b]
+    grad_b = sum_k w_k * (q - p_k) + v * (softmax(s) - target)
+    KL(p_k || q) = sum_c p_kc (t_kc - s_c) / T + lse(s / T) - lse(t_k / T)
+
+Shapes: student and teachers ``[outer, inner, C]`` (class stride 1; row ``b`` at
+``(b // inner) * stride(0) + (b % inner) * stride(1)``), labels and row weights ``[rows]``.
+
+One program per row, fp32 math. Sweep 1 runs an online log-sum-exp over ``BLOCK_C``-wide chunks of
+the student and each teacher (the first teacher's sweep also takes the student's statistics), sweep
+2 writes the gradient. When ``C <= BLOCK_C`` a sweep is a single chunk and the re-read hits cache.
+Weights of exactly 0 skip the teacher's loads and contribute exactly 0 (no 0 * inf).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+MAX_TEACHERS = 8
+MAX_TEACHERS_C = tl.constexpr(MAX_TEACHERS)
+# Well below any finite logit / T, so exp(x - m) never meets -inf - (-inf) = NaN.
+_NEG_BIG = -1.0e30
+
+
+@triton.jit
+def _pick(k: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
+    """The k-th of eight arguments, k known at compile time."""
+    if k == 0:
+        return a0
+    elif k == 1:
+        return a1
+    elif k == 2:
+        return a2
+    elif k == 3:
+        return a3
+    elif k == 4:
+        return a4
+    elif k == 5:
+        return a5
+    elif k == 6:
+        return a6
+    else:
+        return a7
+
+
+@triton.jit
+def _row_ptr(base, row, inner, stride_outer, stride_inner):
+    return base + (row // inner) * stride_outer + (row % inner) * stride_inner
+
+
+@triton.jit
+def _kd_loss_fwd_kernel(
+    s_ptr, s_so, s_si,
+    t0, t1, t2, t3, t4, t5, t6, t7,
+    so0, so1, so2, so3, so4, so5, so6, so7,
+    si0, si1, si2, si3, si4, si5, si6, si7,
+    c0, c1, c2, c3, c4, c5, c6, c7,
+    kd_rw_ptr, kd_rw_stride,
+    labels_ptr, ce_rw_ptr, ce_coef,
+    row_loss_ptr, grad_ptr,
+    C, inner, temperature, label_smoothing,
+    NUM_T: tl.constexpr,
+    HAS_KD_RW: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    HAS_CE_RW: tl.constexpr,
+    UNIT_T: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    kidx = tl.arange(0, MAX_TEACHERS_C)
+    inv_t = 1.0 / temperature
+    s_row = _row_ptr(s_ptr, row, inner, s_so, s_si)
+
+    # Per-teacher weights w_k, and log-sum-exp of t_k / T, as small register vectors.
+    w = tl.zeros([MAX_TEACHERS_C], dtype=tl.float32)
+    for k in tl.static_range(NUM_T):
+        wk = _pick(k, c0, c1, c2, c3, c4, c5, c6, c7)
+        if HAS_KD_RW:
+            wk = wk * tl.load(kd_rw_ptr + k * kd_rw_stride + row)
+        w = tl.where(kidx == k, wk, w)
+    v = 0.0
+    y = 0
+    if HAS_CE:
+        v = ce_coef
+        if HAS_CE_RW:
+            v = v * tl.load(ce_rw_ptr + row)
+        y = tl.load(labels_ptr + row)
+
+    # Student statistics: max/sum-exp of s/T, of s (CE at T != 1), sum of s (label smoothing).
+    m_q = _NEG_BIG
+    z_q = 0.0
+    m_1 = _NEG_BIG
+    z_1 = 0.0
+    sum_s = 0.0
+    for start in range(0, C, BLOCK_C):
+        mask = start + cols < C
+        x = tl.load(s_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        u = x * inv_t
+        m_new = tl.maximum(m_q, tl.max(u, 0))
+        z_q = z_q * tl.exp(m_q - m_new) + tl.sum(tl.exp(u - m_new), 0)
+        m_q = m_new
+        if HAS_CE:
+            if not UNIT_T:
+                m1_new = tl.maximum(m_1, tl.max(x, 0))
+                z_1 = z_1 * tl.exp(m_1 - m1_new) + tl.sum(tl.exp(x - m1_new), 0)
+                m_1 = m1_new
+            sum_s += tl.sum(tl.where(mask, x, 0.0), 0)
+    lse_q = m_q + tl.log(z_q)
+    lse_1 = lse_q
+    if HAS_CE:
+        if not UNIT_T:
+            lse_1 = m_1 + tl.log(z_1)
+
+    # Teachers: online log-sum-exp of t/T and the cross term sum_c p_c (t_c - s_c) / T.
+    loss = 0.0
+    lse_t = tl.zeros([MAX_TEACHERS_C], dtype=tl.float32)
+    for k in tl.static_range(NUM_T):
+        wk = tl.sum(tl.where(kidx == k, w, 0.0), 0)
+        if wk != 0.0:
+            t_row = _row_ptr(
+                _pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
+                _pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
+                _pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
+            )
+            m_t = _NEG_BIG
+            z_t = 0.0
+            cross = 0.0
+            for start in range(0, C, BLOCK_C):
+                mask = start + cols < C
+                x = tl.load(t_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                xs = tl.load(s_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                u = x * inv_t
+                m_new = tl.maximum(m_t, tl.max(u, 0))
+                scale = tl.exp(m_t - m_new)
+                e = tl.exp(u - m_new)
+                z_t = z_t * scale + tl.sum(e, 0)
+                cross = cross * scale + tl.sum(tl.where(e > 0.0, e * (x - xs) * inv_t, 0.0), 0)
+                m_t = m_new
+            lse_k = m_t + tl.log(z_t)
+            loss += wk * temperature * (cross / z_t + lse_q - lse_k)
+            lse_t = tl.where(kidx == k, lse_k, lse_t)
+
+    eps = label_smoothing
+    if HAS_CE:
+        if v != 0.0:
+            valid = (y >= 0) & (y < C)
+            s_y = tl.load(s_row + tl.where(valid, y, 0)).to(tl.float32)
+            ce = lse_1 - (1.0 - eps) * s_y - eps / C * sum_s
+            # An out-of-range label cannot raise on the GPU without a host sync: it makes the
+            # loss NaN, loudly, and its row's CE gradient is dropped.
+            loss += tl.where(valid, v * ce, float("nan"))
+            v = tl.where(valid, v, 0.0)
+    tl.store(row_loss_ptr + row, loss)
+
+    if HAS_GRAD:
+        w_sum = tl.sum(w, 0)
+        g_row = grad_ptr + row * C
+        for start in range(0, C, BLOCK_C):
+            offs = start + cols
+            mask = offs < C
+            x = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            g = w_sum * tl.exp(x * inv_t - lse_q)
+            if HAS_CE:
+                sm = tl.exp(x - lse_1)
+                target = eps / C + tl.where(offs == y, 1.0 - eps, 0.0)
+                g += v * (sm - target)
+            for k in tl.static_range(NUM_T):
+                wk = tl.sum(tl.where(kidx == k, w, 0.0), 0)
+                if wk != 0.0:
+                    t_row = _row_ptr(
+                        _pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
+                        _pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
+                        _pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
+                    )
+                    lse_k = tl.sum(tl.where(kidx == k, lse_t, 0.0), 0)
+                    xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                    g -= wk * tl.exp(xt * inv_t - lse_k)
+            tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+
+def _block_c(classes: int) -> int:
+    # Whole rows up to 4096 classes in one chunk; wider rows stream in 4096-wide chunks.
+    return min(max(triton.next_power_of_2(classes), 16), 4096)
+
+
+def _check_labels_on_cpu(labels: torch.Tensor, classes: int, ignore_index: int) -> None:
+    # On CPU tensors (the interpreter) the check is free and matches the C++ backend's error.
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= classes))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise RuntimeError(
+            f"fastkd: labels must be in [0, {classes}) or equal ignore_index ({ignore_index}); "
+            f"row {row} has label {int(labels[row])}"
+        )
+
+
+@triton_op("fastkd::kd_loss_fwd_triton", mutates_args=())
+def kd_loss_fwd_triton(
+    student: torch.Tensor,
+    teachers: list[torch.Tensor],
+    labels: torch.Tensor | None,
+    kd_row_weights: torch.Tensor | None,
+    ce_row_weights: torch.Tensor | None,
+    kd_coefs: list[float],
+    ce_coef: float,
+    temperature: float,
+    label_smoothing: float,
+    ignore_index: int,
+    per_row: bool,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    outer, inner, classes = student.shape
+    rows = outer * inner
+    k = len(teachers)
+    if not 1 <= k <= MAX_TEACHERS:
+        raise ValueError(f"fastkd: the Triton kernel takes 1 to {MAX_TEACHERS} teachers, got {k}")
+    if labels is not None and student.device.type == "cpu":
+        _check_labels_on_cpu(labels, classes, ignore_index)
+    row_loss = torch.empty(rows, device=student.device, dtype=torch.float32)
+    if compute_grad:
+        grad = torch.empty(student.shape, device=student.device, dtype=student.dtype)
+    else:
+        grad = torch.empty(0, device=student.device, dtype=student.dtype)
+    pad = MAX_TEACHERS - k
+    ts = list(teachers) + [teachers[0]] * pad
+    so = [t.stride(0) for t in teachers] + [0] * pad
+    si = [t.stride(1) for t in teachers] + [0] * pad
+    coefs = [float(c) for c in kd_coefs] + [0.0] * pad
+    has_ce = ce_coef != 0.0
+    wrap_triton(_kd_loss_fwd_kernel)[(rows,)](
+        student, student.stride(0), student.stride(1),
+        *ts, *so, *si, *coefs,
+        kd_row_weights if kd_row_weights is not None else row_loss,
+        kd_row_weights.stride(0) if kd_row_weights is not None else 0,
+        labels if has_ce else row_loss,
+        ce_row_weights if ce_row_weights is not None else row_loss,
+        float(ce_coef),
+        row_loss, grad if compute_grad else row_loss,
+        classes, inner, float(temperature), float(label_smoothing),
+        NUM_T=k,
+        HAS_KD_RW=kd_row_weights is not None,
+        HAS_CE=has_ce,
+        HAS_CE_RW=ce_row_weights is not None,
+        UNIT_T=temperature == 1.0,
+        HAS_GRAD=compute_grad,
+        BLOCK_C=_block_c(classes),
+    )
+    loss = row_loss if per_row else row_loss.sum()
+    return loss, grad
