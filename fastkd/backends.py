@@ -11,7 +11,6 @@ backend's reason.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -35,8 +34,7 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TUNING_DIR = Path(__file__).parent / "tuning"
 
 
-@functools.cache
-def extension_status() -> tuple[bool, bool, str]:
+def _load_extension() -> tuple[bool, bool, str]:
     """(C++ ops loaded, CUDA kernels built, reason when not)."""
     try:
         from . import _C
@@ -45,9 +43,8 @@ def extension_status() -> tuple[bool, bool, str]:
     return True, bool(_C.with_cuda), "the fastkd._C extension was built without CUDA"
 
 
-@functools.cache
-def triton_status() -> str | None:
-    """None when Triton kernels can run, else why not."""
+def _load_triton() -> str | None:
+    """None when the Triton kernels can run, else why not."""
     try:
         import triton  # noqa: F401
 
@@ -57,9 +54,19 @@ def triton_status() -> str | None:
     return None
 
 
+# Facts of this installation, fixed at import so that backend choice traces to constants under
+# torch.compile.
+EXTENSION_LOADED, EXTENSION_WITH_CUDA, EXTENSION_REASON = _load_extension()
+TRITON_REASON = _load_triton()
+
+
+def triton_status() -> str | None:
+    return TRITON_REASON
+
+
 def device_reason(backend: str, device: torch.device) -> str | None:
     """Why `backend` cannot run on `device`, or None. Loss-independent part of the checks."""
-    loaded, with_cuda, why_not = extension_status()
+    loaded, with_cuda, why_not = EXTENSION_LOADED, EXTENSION_WITH_CUDA, EXTENSION_REASON
     if backend == "torch":
         return None
     if backend == "cpu":
@@ -84,27 +91,25 @@ def device_reason(backend: str, device: torch.device) -> str | None:
     raise AssertionError(backend)
 
 
-@functools.cache
-def _measured_order(loss: str, device_name: str) -> tuple[str, ...] | None:
-    """The backend order a committed tuning table gives for this GPU, if any."""
-    path = _TUNING_DIR / f"{loss}.json"
-    if not path.exists():
-        return None
-    table = json.loads(path.read_text())
-    for entry in table.get("devices", []):
-        if entry.get("device") == device_name:
-            return tuple(entry["order"])
-    return None
+_ORDER_CACHE: dict[tuple[str, str], tuple[str, ...]] = {}
 
 
+@torch.compiler.assume_constant_result
 def preference(loss: str, device: torch.device) -> tuple[str, ...]:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        measured = _measured_order(loss, name)
-        if measured is not None:
-            return measured + tuple(b for b in ("cuda", "triton", "torch") if b not in measured)
-        return ("cuda", "triton", "torch")
-    return ("cpu", "torch")
+    """Backends to try in order for `loss` on `device` (a constant under torch.compile)."""
+    if device.type != "cuda":
+        return ("cpu", "torch")
+    name = torch.cuda.get_device_name(device)
+    key = (loss, name)
+    if key not in _ORDER_CACHE:
+        order: tuple[str, ...] = ()
+        path = _TUNING_DIR / f"{loss}.json"
+        if path.exists():
+            for entry in json.loads(path.read_text()).get("devices", []):
+                if entry.get("device") == name:
+                    order = tuple(entry["order"])
+        _ORDER_CACHE[key] = order + tuple(b for b in ("cuda", "triton", "torch") if b not in order)
+    return _ORDER_CACHE[key]
 
 
 def choose(
