@@ -4,9 +4,9 @@
 Each loss describes, per backend, whether it can run the given inputs and if not, why. With
 ``backend="auto"`` (or the ``FASTKD_BACKEND`` environment variable, read when fastkd is imported)
 the first backend in the preference order that accepts the inputs runs: the order for CUDA
-tensors comes from the measured table ``fastkd/tuning/<loss>.json`` when one is committed for the
-GPU in use, otherwise CUDA C++ first. An explicit request that cannot be met raises an error
-listing every backend's reason.
+tensors comes from the measured table ``fastkd/tuning/<loss>.json`` (per GPU, dtype and problem
+size) when one is committed for the GPU in use, otherwise CUDA C++ first. An explicit request that
+cannot be met raises an error listing every backend's reason.
 """
 
 from __future__ import annotations
@@ -93,25 +93,55 @@ def device_reason(backend: str, device: torch.device) -> str | None:
     raise AssertionError(backend)
 
 
-_ORDER_CACHE: dict[tuple[str, str], tuple[str, ...]] = {}
+_GPU_DEFAULT = ("cuda", "triton", "torch")
+_TABLES: dict[str, dict] = {}
+
+
+def _table(loss: str) -> dict:
+    if loss not in _TABLES:
+        path = _TUNING_DIR / f"{loss}.json"
+        _TABLES[loss] = json.loads(path.read_text()) if path.exists() else {}
+    return _TABLES[loss]
+
+
+def measured_order(table: dict, device_name: str, dtype: str, size: int) -> tuple[str, ...]:
+    """The backend order a tuning table gives for (GPU, dtype, problem size), or ().
+
+    Table format (written by ``python -m fastkd tune``)::
+
+        {"loss": "kd_loss", "size": "classes",
+         "devices": [{"device": "NVIDIA H100 80GB HBM3",
+                      "rules": [{"dtype": "bfloat16", "max_size": 4096,
+                                 "order": ["triton", "cuda"]},
+                                {"dtype": "*", "max_size": null,
+                                 "order": ["cuda", "triton"]}]}]}
+
+    The first rule whose dtype matches (``"*"``: any) and whose ``max_size`` is at least ``size``
+    (``null``: unbounded) wins; ``size`` is the loss's own measure (classes for kd_loss).
+    """
+    for entry in table.get("devices", []):
+        if entry.get("device") != device_name:
+            continue
+        for rule in entry.get("rules", []):
+            if rule.get("dtype", "*") not in ("*", dtype):
+                continue
+            if rule.get("max_size") is None or size <= rule["max_size"]:
+                return tuple(rule["order"])
+    return ()
 
 
 @torch.compiler.assume_constant_result
-def preference(loss: str, device: torch.device) -> tuple[str, ...]:
-    """Backends to try in order for `loss` on `device` (a constant under torch.compile)."""
+def preference(
+    loss: str, device: torch.device, dtype: torch.dtype | None = None, size: int = 0
+) -> tuple[str, ...]:
+    """Backends to try, in order, for `loss` on `device` with inputs of `dtype` and problem size
+    `size` (a constant under torch.compile)."""
     if device.type != "cuda":
         return ("cpu", "torch")
     name = torch.cuda.get_device_name(device)
-    key = (loss, name)
-    if key not in _ORDER_CACHE:
-        order: tuple[str, ...] = ()
-        path = _TUNING_DIR / f"{loss}.json"
-        if path.exists():
-            for entry in json.loads(path.read_text()).get("devices", []):
-                if entry.get("device") == name:
-                    order = tuple(entry["order"])
-        _ORDER_CACHE[key] = order + tuple(b for b in ("cuda", "triton", "torch") if b not in order)
-    return _ORDER_CACHE[key]
+    dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else "*"
+    order = measured_order(_table(loss), name, dtype_name, int(size))
+    return order + tuple(b for b in _GPU_DEFAULT if b not in order)
 
 
 def choose(
@@ -119,11 +149,15 @@ def choose(
     requested: str,
     device: torch.device,
     input_reasons: Mapping[str, Callable[[], str | None]] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    size: int = 0,
 ) -> str:
     """Picks the backend for one call.
 
     `input_reasons` maps a backend to a function returning why it cannot run these particular
-    inputs (beyond the device), or None.
+    inputs (beyond the device), or None. `dtype` and `size` select the measured winner from the
+    tuning table (see `measured_order`).
     """
     if requested not in CHOICES:
         choices = ", ".join(map(repr, CHOICES))
@@ -141,7 +175,7 @@ def choose(
         if reason(requested) is None:
             return requested
     else:
-        for backend in preference(loss, device):
+        for backend in preference(loss, device, dtype, size):
             if reason(backend) is None:
                 return backend
     lines = "; ".join(f"{b}: {reason(b) or 'available'}" for b in BACKENDS)
