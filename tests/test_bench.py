@@ -211,3 +211,28 @@ def test_rotation_exceeds_twice_the_cache(set_bytes):
     if copies < 4096:
         assert copies * set_bytes > 2 * cache
         assert copies == 1 or (copies - 1) * set_bytes <= 2 * cache
+
+
+def test_spent_budget_skips_the_rest(tmp_path, capsys, restore_threads):
+    out = tmp_path / "kd.json"
+    rc = run_cli(
+        "--shapes",
+        "4x8",
+        "--dtype",
+        "fp32",
+        "--peers",
+        "eager",
+        "--budget",
+        "1e-6",
+        "--json",
+        str(out),
+    )
+    assert rc == 1  # nothing was measured
+    data = json.loads(out.read_text())
+    assert data["measurements"] == []
+    skipped = data["skipped"]
+    assert len(skipped) == 2 * 2 * 2  # variants plain and ce x modes x (fastkd, eager)
+    assert {(s["impl"], s["mode"]) for s in skipped} == {
+        (impl, mode) for impl in ("fastkd", "eager") for mode in ("fwd", "fwdbwd")
+    }
+    assert all("time budget" in s["reason"] for s in skipped)

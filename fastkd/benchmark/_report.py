@@ -163,6 +163,7 @@ class Results:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the results from other users
         with os.fdopen(fd, "w") as f:
             json.dump(self.to_json(), f, indent=1)
             f.write("\n")
