@@ -6,15 +6,15 @@
 #   OUT=/tmp/out FASTKD_COMMIT=$(git rev-parse HEAD) scripts/gpu_job.sh
 #
 # The machine needs no internet: torch, triton, nvcc, pytest, pytest-benchmark and matplotlib are
-# expected to be installed. Liger-Kernel is benchmarked when a wheel .whl/liger_kernel-*.whl is
-# present in the repository (it is installed into /tmp, with --no-deps).
+# expected to be installed. Wheels in .whl/ (e.g. .whl/liger_kernel-*.whl) are installed into /tmp
+# with --no-deps first; Liger-Kernel is benchmarked when it imports.
 #
 # Time: everything must end within GPU_JOB_BUDGET_S seconds (default 530, under nine minutes).
 # Each phase runs under `timeout` with the smaller of its own cap and the time left (less a
 # reserve for the final report); a benchmark phase also gets `--budget` a little below its limit,
 # so it stops starting new cases and saves its results itself. Phases, most important first:
 #   env (~5 s) | build (cap 240 s; a failed CUDA build is retried without CUDA so the Triton
-#   backend can still be measured) | liger (cap 30 s) | tests (cap 90 s) | bench core: plain and
+#   backend can still be measured) | wheels (cap 30 s) | tests (cap 90 s) | bench core: plain and
 #   CE-mixed KD, fastkd vs eager vs Liger (cap 120 s) | bench compile: torch.compile default mode
 #   on a subset (cap 100 s) | bench guided + 3-teacher cohort (cap 90 s) | bench max-autotune on
 #   a smaller subset (cap 70 s) | report (the rest, >= 20 s).
@@ -165,21 +165,23 @@ print('fastkd: extension loaded, with CUDA, reason:', b.extension_status())
 print('fastkd: triton:', b.triton_status() or 'available')
 " >>"$LOG" 2>&1 || log "fastkd does not import; the benchmarks will fail"
 
-# --- liger -----------------------------------------------------------------------------------
+# --- wheels: Liger-Kernel (and anything else a test needs) carried in .whl/ --------------------
 shopt -s nullglob
-wheels=(.whl/liger_kernel-*.whl)
+wheels=(.whl/*.whl)
 shopt -u nullglob
 PEERS=(eager)
 if ((${#wheels[@]})); then
-    if phase liger 30 "$LOG" "$LOG" "$PY" -m pip install -q --no-index --no-deps --no-compile \
-        --no-cache-dir --upgrade --target /tmp/liger-site "${wheels[@]}"; then
-        export PYTHONPATH=/tmp/liger-site${PYTHONPATH:+:$PYTHONPATH}
-        "$PY" -c "import liger_kernel.transformers as m; print('liger:', m.LigerKLDIVLoss)" \
-            >>"$LOG" 2>&1 && PEERS+=(liger)
+    if phase wheels 30 "$LOG" "$LOG" "$PY" -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir --upgrade --target /tmp/fastkd-site "${wheels[@]}"; then
+        export PYTHONPATH=/tmp/fastkd-site${PYTHONPATH:+:$PYTHONPATH}
     fi
+fi
+if "$PY" -c "from liger_kernel.transformers import LigerKLDIVLoss" >>"$LOG" 2>&1; then
+    log "Liger-Kernel imports: it is benchmarked (its version is in the JSON)"
+    PEERS+=(liger)
 else
-    log "no .whl/liger_kernel-*.whl: Liger-Kernel is not benchmarked"
-    printf '%-24s skipped: no wheel in .whl/\n' liger >>"$SUMMARY"
+    log "Liger-Kernel is not importable (no .whl/liger_kernel-*.whl?): it is not benchmarked"
+    printf '%-24s skipped: not importable\n' liger >>"$SUMMARY"
 fi
 
 # --- tests -----------------------------------------------------------------------------------

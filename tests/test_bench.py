@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastkd.__main__ import main
-from fastkd.benchmark import Case, LossBench, available_losses, load_loss
+from fastkd.benchmark import Case, LossBench, Selection, available_losses, load_loss
 from fastkd.benchmark._timing import rotation_copies
 
 ELEMENT = {"fp32": 4, "bf16": 2}
@@ -198,6 +198,10 @@ def test_registry_finds_kd_loss():
     bench = load_loss("kd_loss")
     assert isinstance(bench, LossBench) and bench.name == "kd_loss"
     case = Case("kd_loss", (4096, 1000), "bf16", "cohort3")
+    impls = bench.impls(case, Selection(device="cpu", backends=("cpu", "torch"), peers=("eager",)))
+    assert [i.name for i in impls] == ["fastkd", "fastkd-cpu", "fastkd-torch", "eager"]
+    assert [type(i).__name__ for i in impls] == ["Impl", "Skip", "Impl", "Impl"]
+    assert impls[0].backend == "cpu" and "auto chose cpu" in impls[1].reason
     assert bench.min_bytes(case, "fwdbwd") == expected_bytes(
         (4096, 1000), "bf16", "cohort3", "fwdbwd"
     )

@@ -105,34 +105,50 @@ class Runner:
                 for mode in modes:
                     self._skip(case, mode, impl.name, impl.reason)
         timed: dict[tuple[str, str], dict] = {}
+        checked, expected = False, None
         for mode in modes:
             if self.out_of_time():
                 for impl in runnable:
                     self._skip(case, mode, impl.name, "the run's time budget was spent")
                 continue
             self.log(f"{case.key} {mode}")
+            sets = None
             try:
                 sets = self._input_sets(bench, case, mode)
             except Exception as e:
                 for impl in runnable:
                     self._skip(case, mode, impl.name, f"inputs: {_reason(e)}")
+            if sets is None:
                 _free(collect=True)
                 continue
-            try:
-                expected = bench.reference(case, sets[0])
-            except Exception as e:
-                self.log(f"  reference failed ({_reason(e)}); values are not checked")
-                expected = None
-                _free(collect=True)
+            if not checked:
+                # Every mode's inputs hold the same values (same seed): one reference per case.
+                checked = True
+                failed = False
+                try:
+                    expected = bench.reference(case, sets[0])
+                except Exception as e:
+                    self.log(f"  reference failed ({_reason(e)}); values are not checked")
+                    failed = True
+                if failed:
+                    _free(collect=True)
             for impl in runnable:
                 if self.out_of_time():
                     self._skip(case, mode, impl.name, "the run's time budget was spent")
                     continue
+                m = None
                 try:
                     m = self._measure(bench, case, mode, impl, sets, expected)
                 except Exception as e:
                     self._skip(case, mode, impl.name, _reason(e))
                     self.log(f"  {impl.name}: skipped ({_reason(e)})")
+                finally:
+                    for s in sets:
+                        for t in s.differentiable:
+                            t.grad = None
+                if m is None:
+                    # Outside the except block, where the exception no longer holds the failed
+                    # call's tensors.
                     _free(collect=True)
                     continue
                 timed[(mode, impl.name)] = m
@@ -188,9 +204,6 @@ class Runner:
             else:
                 timing = time_cpu(rot, self.settings.rep_ms, self.settings.warmup_ms)
                 peak = None
-        for s in sets:
-            for t in s.differentiable:
-                t.grad = None
         m = self._record(bench, case, mode, impl)
         gbps = m["bytes"] / (timing.median_ms * 1e-3) / 1e9
         rel = None if expected is None else abs(value - expected) / max(abs(expected), 1e-12)

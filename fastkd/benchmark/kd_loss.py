@@ -159,12 +159,18 @@ class KDLossBench(LossBench):
         v = VARIANTS[case.variant]
         out: list[Impl | Skip] = []
         probe = torch.empty(0, dtype=case.torch_dtype, device=sel.device)
+        auto = None
         for requested in ("auto", *[b for b in sel.backends if b != "auto"]):
             name = "fastkd" if requested == "auto" else f"fastkd-{requested}"
             try:
                 backend = _choose_backend(probe, [probe] * v.teachers, requested)
             except ValueError as e:
                 out.append(Skip(name, str(e)))
+                continue
+            if requested == "auto":
+                auto = backend
+            elif backend == auto:
+                out.append(Skip(name, f"measured as fastkd: backend auto chose {backend}"))
                 continue
             out.append(Impl(name, _const(fastkd_kd(v, backend)), backend))
         eager = eager_kd(v)
