@@ -50,6 +50,9 @@ def _one_pass_autograd(scale_grad_: Callable[[torch.Tensor, torch.Tensor], None]
             for x in inputs[1:]
         )
         ctx.has_grad = bool(inputs[-1])  # every one-pass op ends with `compute_grad`
+        # The gradient output has no derivative here (that would be the Hessian); left
+        # differentiable, autograd would silently treat it as 0.
+        ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(output[1])
 
     def backward(ctx, grad_loss, _grad_of_grad):
