@@ -37,6 +37,14 @@ def kd_loss_ref(
     T = float(temperature)
     y = None if labels is None else labels.reshape(-1).long()
     counted = torch.ones(rows, dtype=torch.bool, device=s.device) if y is None else y != ignore_index
+    if y is not None:
+        # The fused kernels refuse such labels; unchecked, a negative one would index from the
+        # end and a large one would silently count as a miss. _assert_async raises at once on
+        # the CPU and costs no host sync on a GPU.
+        torch._assert_async(
+            (~counted | ((y >= 0) & (y < classes))).all(),
+            f"fastkd: labels must be in [0, {classes}) or equal ignore_index ({ignore_index})",
+        )
 
     def reduce(per_row: torch.Tensor, kept: torch.Tensor, per_class: bool) -> torch.Tensor:
         if reduction == "sum":
