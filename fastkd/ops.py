@@ -73,11 +73,88 @@ def _register_one_pass(fwd: str, fake: Callable, scale_grad_: Callable) -> None:
     torch.library.register_autograd(fwd, backward, setup_context=setup_context)
 
 
+def grad_channels_last(x: torch.Tensor) -> bool:
+    """Whether the gradient of a 4-D map is written channels_last: the map's own memory format
+    (channels innermost), contiguous NCHW otherwise. Ambiguous maps (C = 1 or H * W = 1, where
+    both formats coincide) get contiguous NCHW."""
+    b, c, h, w = x.shape
+    if c == 1 or h * w == 1 or x.is_contiguous():
+        return False
+    return x.is_contiguous(memory_format=torch.channels_last) or x.stride(1) == 1
+
+
+def _channel_attention_fwd_fake(students, teachers, weights, mean):
+    dtype = torch.float64 if students[0].dtype == torch.float64 else torch.float32
+    n = sum(s.shape[0] * s.shape[1] for s in students)
+    return students[0].new_empty((), dtype=dtype), students[0].new_empty((n,), dtype=dtype)
+
+
+def _channel_attention_bwd_fake(diffs, grad_output, sizes, channels_last, dtypes):
+    grads = []
+    for i, d in enumerate(diffs):
+        b, c, h, w = sizes[4 * i : 4 * i + 4]
+        cl = channels_last[i] and c > 1 and h * w > 1
+        grads.append(
+            torch.empty(
+                (b, c, h, w),
+                dtype=dtypes[i],
+                device=d.device,
+                memory_format=torch.channels_last if cl else torch.contiguous_format,
+            )
+        )
+    return grads
+
+
+def _register_channel_attention(fwd: str, bwd: str) -> None:
+    """Fake and autograd implementations of a channel-attention op pair.
+
+    The forward's second output, ``diff``, is every pair's ``[B, C]`` block of per-channel
+    gradient values (concatenated); the backward broadcasts ``grad_output * diff`` into each
+    student's shape, dtype and memory format -- only for the students that require grad.
+    """
+    torch.library.register_fake(fwd)(_channel_attention_fwd_fake)
+    torch.library.register_fake(bwd)(_channel_attention_bwd_fake)
+    bwd_op = getattr(torch.ops.fastkd, bwd.split("::")[1])
+
+    def setup_context(ctx, inputs, output):
+        students, teachers = inputs[0], inputs[1]
+        ctx.sizes = [tuple(s.shape) for s in students]
+        ctx.channels_last = [grad_channels_last(s) for s in students]
+        ctx.dtypes = [s.dtype for s in students]
+        ctx.num_teachers = len(teachers)
+        ctx.save_for_backward(output[1])
+
+    def backward(ctx, grad_loss, _grad_diff):
+        (diff,) = ctx.saved_tensors
+        grads = [None] * len(ctx.sizes)
+        wanted = [i for i, needed in enumerate(ctx.needs_input_grad[0]) if needed]
+        if wanted:
+            blocks = diff.split([size[0] * size[1] for size in ctx.sizes])
+            if grad_loss.dtype not in (torch.float32, torch.float64):
+                grad_loss = grad_loss.float()
+            computed = bwd_op(
+                [blocks[i].view(ctx.sizes[i][0], ctx.sizes[i][1]) for i in wanted],
+                grad_loss,
+                [n for i in wanted for n in ctx.sizes[i]],
+                [ctx.channels_last[i] for i in wanted],
+                [ctx.dtypes[i] for i in wanted],
+            )
+            for i, g in zip(wanted, computed):
+                grads[i] = g
+        return grads, [None] * ctx.num_teachers, None, None
+
+    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
+
+
 torch.library.register_fake("fastkd::scale_grad_")(_scale_grad_fake)
 _register_one_pass("fastkd::kd_loss_fwd", _kd_loss_fwd_fake, torch.ops.fastkd.scale_grad_)
+_register_channel_attention("fastkd::channel_attention_fwd", "fastkd::channel_attention_bwd")
 
 if triton_status() is None:
     torch.library.register_fake("fastkd::scale_grad_triton_")(_scale_grad_fake)
     _register_one_pass(
         "fastkd::kd_loss_fwd_triton", _kd_loss_fwd_fake, torch.ops.fastkd.scale_grad_triton_
+    )
+    _register_channel_attention(
+        "fastkd::channel_attention_fwd_triton", "fastkd::channel_attention_bwd_triton"
     )
