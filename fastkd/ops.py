@@ -139,7 +139,7 @@ def _register_channel_attention(fwd: str, bwd: str) -> None:
                 [ctx.channels_last[i] for i in wanted],
                 [ctx.dtypes[i] for i in wanted],
             )
-            for i, g in zip(wanted, computed):
+            for i, g in zip(wanted, computed, strict=True):
                 grads[i] = g
         return grads, [None] * ctx.num_teachers, None, None
 

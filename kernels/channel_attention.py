@@ -184,7 +184,7 @@ def _check_pairs(students: list[torch.Tensor], teachers: list[torch.Tensor], wei
             f"fastkd: channel_attention_fwd_triton needs as many teachers and weights as students "
             f"(at least one), got {len(students)}, {len(teachers)} and {len(weights)}"
         )
-    for i, (s, t) in enumerate(zip(students, teachers)):
+    for i, (s, t) in enumerate(zip(students, teachers, strict=True)):
         for x in (s, t):
             if x.dim() != 4 or x.numel() == 0:
                 raise ValueError(f"fastkd: pair {i}: maps must be non-empty 4-D [B, C, H, W]")
@@ -220,12 +220,8 @@ def channel_attention_fwd_triton(
         idx = list(range(first, min(first + MAX_PAIRS, n)))
         ss = [students[i] for i in idx]
         ts = [teachers[i] for i in idx]
-        coefs = [
-            float(weights[i]) / (rows[i] if mean else 1) for i in idx
-        ]
-        gscale = [
-            2.0 * c / (s.shape[2] * s.shape[3]) for c, s in zip(coefs, ss)
-        ]
+        coefs = [float(weights[i]) / (rows[i] if mean else 1) for i in idx]
+        gscale = [2.0 * c / (s.shape[2] * s.shape[3]) for c, s in zip(coefs, ss, strict=True)]
         offsets, starts = [], [0]
         for i in idx:
             offsets.append(done_rows)

@@ -89,7 +89,7 @@ def _check_args(
     def name(which: str, i: int) -> str:
         return which if single else f"{which}[{i}]"
 
-    for i, (s, t) in enumerate(zip(students, teachers)):
+    for i, (s, t) in enumerate(zip(students, teachers, strict=True)):
         s_name, t_name = name("student_feats", i), name("teacher_feats", i)
         for x, x_name in ((s, s_name), (t, t_name)):
             check_float_tensor(x, x_name)

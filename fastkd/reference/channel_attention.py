@@ -25,7 +25,7 @@ def channel_attention_loss_ref(
     weights = [1.0] * len(students) if weights is None else list(weights)
     acc = torch.float64 if students[0].dtype == torch.float64 else torch.float32
     total = torch.zeros((), dtype=acc, device=students[0].device)
-    for s, t, w in zip(students, teachers, weights):
+    for s, t, w in zip(students, teachers, weights, strict=True):
         w_s = s.mean(dim=(2, 3), dtype=acc)
         w_t = t.detach().mean(dim=(2, 3), dtype=acc)
         sq = (w_s - w_t).square()
