@@ -94,13 +94,15 @@ inline std::vector<CaGrad> prepare_channel_attention_bwd(at::TensorList diffs,
                                                          const at::Tensor& grad_output,
                                                          at::IntArrayRef sizes,
                                                          const c10::List<bool>& channels_last,
-                                                         at::ArrayRef<at::ScalarType> dtypes,
+                                                         at::ScalarType dtype,
                                                          std::vector<at::Tensor>& grads) {
   const size_t n = diffs.size();
-  TORCH_CHECK(sizes.size() == 4 * n && channels_last.size() == n && dtypes.size() == n,
-              "fastkd: channel_attention_bwd needs 4 sizes, one channels_last flag and one dtype "
-              "per diff (", n, " diffs), got ", sizes.size(), ", ", channels_last.size(), " and ",
-              dtypes.size());
+  TORCH_CHECK(sizes.size() == 4 * n && channels_last.size() == n,
+              "fastkd: channel_attention_bwd needs 4 sizes and one channels_last flag per diff (", n,
+              " diffs), got ", sizes.size(), " and ", channels_last.size());
+  TORCH_CHECK(is_float_dtype(dtype), "fastkd: channel_attention_bwd writes float32, bfloat16, "
+              "float16 or float64 gradients, got ", dtype);
+  const bool f64 = dtype == at::kDouble;
   TORCH_CHECK(grad_output.dim() == 0 && (grad_output.scalar_type() == at::kFloat ||
                                          grad_output.scalar_type() == at::kDouble),
               "fastkd: grad_output must be a float32 or float64 scalar, got ",
@@ -115,20 +117,19 @@ inline std::vector<CaGrad> prepare_channel_attention_bwd(at::TensorList diffs,
                 " must not be empty, got sizes [", B, ", ", C, ", ", H, ", ", W, "]");
     TORCH_CHECK(d.device() == grad_output.device(), "fastkd: diff ", i, " is on ", d.device(),
                 " but grad_output is on ", grad_output.device());
-    const bool f64 = dtypes[i] == at::kDouble;
     TORCH_CHECK(d.scalar_type() == (f64 ? at::kDouble : at::kFloat), "fastkd: diff ", i, " must be ",
-                (f64 ? "float64" : "float32"), " for a ", dtypes[i], " gradient, got ",
+                (f64 ? "float64" : "float32"), " for a ", dtype, " gradient, got ",
                 d.scalar_type());
     TORCH_CHECK(d.dim() == 2 && d.size(0) == B && d.size(1) == C && d.is_contiguous(),
                 "fastkd: diff ", i, " must be a contiguous [", B, ", ", C, "] tensor, got shape ",
                 d.sizes());
     const bool cl = channels_last.get(i) && C > 1 && H * W > 1;
     grads.push_back(at::empty({B, C, H, W},
-                              d.options().dtype(dtypes[i]).memory_format(
+                              d.options().dtype(dtype).memory_format(
                                   cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous)));
     CaGrad& g = out[i];
     g.data = grads.back().data_ptr();
-    g.dtype = ca_dtype(dtypes[i]);
+    g.dtype = ca_dtype(dtype);
     g.channels_last = cl;
     g.diff = d.data_ptr();
     g.B = B;

@@ -89,7 +89,7 @@ def _channel_attention_fwd_fake(students, teachers, weights, mean):
     return students[0].new_empty((), dtype=dtype), students[0].new_empty((n,), dtype=dtype)
 
 
-def _channel_attention_bwd_fake(diffs, grad_output, sizes, channels_last, dtypes):
+def _channel_attention_bwd_fake(diffs, grad_output, sizes, channels_last, dtype):
     grads = []
     for i, d in enumerate(diffs):
         b, c, h, w = sizes[4 * i : 4 * i + 4]
@@ -97,7 +97,7 @@ def _channel_attention_bwd_fake(diffs, grad_output, sizes, channels_last, dtypes
         grads.append(
             torch.empty(
                 (b, c, h, w),
-                dtype=dtypes[i],
+                dtype=dtype,
                 device=d.device,
                 memory_format=torch.channels_last if cl else torch.contiguous_format,
             )
@@ -127,17 +127,24 @@ def _register_channel_attention(fwd: str, bwd: str) -> None:
     def backward(ctx, grad_loss, _grad_diff):
         (diff,) = ctx.saved_tensors
         grads = [None] * len(ctx.sizes)
-        wanted = [i for i, needed in enumerate(ctx.needs_input_grad[0]) if needed]
-        if wanted:
-            blocks = diff.split([size[0] * size[1] for size in ctx.sizes])
-            if grad_loss.dtype not in (torch.float32, torch.float64):
-                grad_loss = grad_loss.float()
+        blocks = diff.split([size[0] * size[1] for size in ctx.sizes])
+        if grad_loss.dtype not in (torch.float32, torch.float64):
+            grad_loss = grad_loss.float()
+        # One call per student dtype (in practice one call): the students that require grad.
+        for dtype in dict.fromkeys(ctx.dtypes):
+            wanted = [
+                i
+                for i, needed in enumerate(ctx.needs_input_grad[0])
+                if needed and ctx.dtypes[i] == dtype
+            ]
+            if not wanted:
+                continue
             computed = bwd_op(
                 [blocks[i].view(ctx.sizes[i][0], ctx.sizes[i][1]) for i in wanted],
                 grad_loss,
                 [n for i in wanted for n in ctx.sizes[i]],
                 [ctx.channels_last[i] for i in wanted],
-                [ctx.dtypes[i] for i in wanted],
+                dtype,
             )
             for i, g in zip(wanted, computed, strict=True):
                 grads[i] = g

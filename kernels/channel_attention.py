@@ -253,7 +253,7 @@ def channel_attention_fwd_triton(
     mutates_args=(),
     schema=(
         "(Tensor[] diffs, Tensor grad_output, SymInt[] sizes, bool[] channels_last, "
-        "ScalarType[] dtypes) -> Tensor[]"
+        "ScalarType dtype) -> Tensor[]"
     ),
 )
 def channel_attention_bwd_triton(
@@ -261,13 +261,13 @@ def channel_attention_bwd_triton(
     grad_output: torch.Tensor,
     sizes: list[int],
     channels_last: list[bool],
-    dtypes: list[torch.dtype],
+    dtype: torch.dtype,
 ) -> list[torch.Tensor]:
     n = len(diffs)
-    if len(sizes) != 4 * n or len(channels_last) != n or len(dtypes) != n:
+    if len(sizes) != 4 * n or len(channels_last) != n:
         raise ValueError(
-            f"fastkd: channel_attention_bwd_triton needs 4 sizes, one channels_last flag and one "
-            f"dtype per diff ({n} diffs), got {len(sizes)}, {len(channels_last)} and {len(dtypes)}"
+            f"fastkd: channel_attention_bwd_triton needs 4 sizes and one channels_last flag per "
+            f"diff ({n} diffs), got {len(sizes)} and {len(channels_last)}"
         )
     go = grad_output.to(torch.float32)
     grads, layouts, programs = [], [], []
@@ -280,7 +280,7 @@ def channel_attention_bwd_triton(
             )
         cl = channels_last[i] and c > 1 and h * w > 1
         fmt = torch.channels_last if cl else torch.contiguous_format
-        grads.append(torch.empty((b, c, h, w), dtype=dtypes[i], device=d.device, memory_format=fmt))
+        grads.append(torch.empty((b, c, h, w), dtype=dtype, device=d.device, memory_format=fmt))
         layouts.append((1, c) if cl else (h * w, 1))
         programs.append(b * triton.cdiv(c, _BLOCK_C) * triton.cdiv(h * w, _BLOCK_P))
     for first in range(0, n, MAX_PAIRS):

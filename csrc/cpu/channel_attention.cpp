@@ -338,10 +338,10 @@ std::vector<at::Tensor> channel_attention_bwd_cpu(at::TensorList diffs,
                                                   const at::Tensor& grad_output,
                                                   at::IntArrayRef sizes,
                                                   const c10::List<bool>& channels_last,
-                                                  at::ArrayRef<at::ScalarType> dtypes) {
+                                                  at::ScalarType dtype) {
   std::vector<at::Tensor> grads;
   const std::vector<CaGrad> args =
-      prepare_channel_attention_bwd(diffs, grad_output, sizes, channels_last, dtypes, grads);
+      prepare_channel_attention_bwd(diffs, grad_output, sizes, channels_last, dtype, grads);
   // A CPU scalar: reading it is not a device synchronisation.
   const double go = grad_output.scalar_type() == at::kDouble
                         ? *grad_output.data_ptr<double>()

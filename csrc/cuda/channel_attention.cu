@@ -424,10 +424,10 @@ std::vector<at::Tensor> channel_attention_bwd_cuda(at::TensorList diffs,
                                                    const at::Tensor& grad_output,
                                                    at::IntArrayRef sizes,
                                                    const c10::List<bool>& channels_last,
-                                                   at::ArrayRef<at::ScalarType> dtypes) {
+                                                   at::ScalarType dtype) {
   std::vector<at::Tensor> grads;
   const std::vector<CaGrad> args =
-      prepare_channel_attention_bwd(diffs, grad_output, sizes, channels_last, dtypes, grads);
+      prepare_channel_attention_bwd(diffs, grad_output, sizes, channels_last, dtype, grads);
   if (args.empty()) return grads;
   TORCH_CHECK(grad_output.is_cuda() && grad_output.scalar_type() == at::kFloat,
               "fastkd: channel_attention_bwd (CUDA) needs a float32 CUDA grad_output, got ",
