@@ -69,7 +69,7 @@ __device__ __forceinline__ float segment_sum(const T* x, int64_t n, int lane, in
   constexpr int VEC = vec_of<T>();
   const int64_t head = head_to_16(x, n);
   float acc = 0.f;
-  if (lane < head) acc += static_cast<float>(x[lane]);
+  for (int64_t i = lane; i < head; i += G) acc += static_cast<float>(x[i]);
   const int64_t nvec = (n - head) / VEC;
   const uint4* v = reinterpret_cast<const uint4*>(x + head);
 #pragma unroll 4
@@ -299,7 +299,7 @@ __device__ void fill_block(const BwdParams& p, int k, int64_t b, int64_t c0, int
   T* x = grad + (b * C + c0 + group) * HW + q0;
   const int64_t n = q1 - q0;
   const int64_t head = head_to_16(x, n);
-  if (lane < head) x[lane] = v;
+  for (int64_t i = lane; i < head; i += G) x[i] = v;
   T e[VEC];
 #pragma unroll
   for (int i = 0; i < VEC; ++i) e[i] = v;
