@@ -6,8 +6,11 @@ guided KD and teacher cohorts -- in one pass over the logits, on C++ CPU, CUDA a
 feature-map loss over every stage of a network in one fused call.
 """
 
-from . import ops  # noqa: F401  (registers fake and autograd implementations)
-from . import nn, reference
+from . import (
+    nn,
+    ops,  # noqa: F401  (registers fake and autograd implementations)
+    reference,
+)
 from .functional import channel_attention_loss, kd_loss
 
 __version__ = "0.1.0"
