@@ -132,4 +132,6 @@ def _choose_backend(students: list[torch.Tensor], requested: str) -> str:
         requested,
         students[0].device,
         {"cuda": gpu_reason, "triton": gpu_reason},
+        dtype=students[0].dtype,
+        size=sum(s.numel() for s in students),
     )
