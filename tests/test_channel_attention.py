@@ -536,3 +536,28 @@ def test_gpu_deterministic_and_graph_capture(backend):
     torch.cuda.synchronize()
     assert torch.equal(loss, loss1)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads1, strict=True))
+
+
+def test_benchmark_cases(tmp_path):
+    """The loss's benchmark cases run through the harness (tiny shapes, CPU) and count bytes as
+    documented: students and teachers read once, the students' gradients written once."""
+    import json
+
+    from fastkd.__main__ import main
+    from fastkd.benchmark import Case, load_loss
+
+    bench = load_loss("channel_attention")
+    stages = Case("channel_attention", (2, 4, 7, 7), "bf16", "stages")
+    shapes = [(2, 4, 7, 7), (2, 8, 4, 4), (2, 16, 2, 2), (2, 32, 1, 1)]
+    student_bytes = 2 * sum(math.prod(s) for s in shapes)
+    assert bench.min_bytes(stages, "fwd") == 2 * student_bytes
+    assert bench.min_bytes(stages, "fwdbwd") == 3 * student_bytes
+    out = tmp_path / "ca.json"
+    argv = ["bench", "--loss", "channel_attention", "--device", "cpu", "--quick", "--rep-ms", "2",
+            "--warmup-ms", "1", "--threads", "1", "--shapes", "2x4x6x6", "--dtype", "fp32",
+            "--peers", "eager", "--json", str(out)]
+    assert main(argv) == 0
+    ms = json.loads(out.read_text())["measurements"]
+    assert {m["variant"] for m in ms} == {"stages", "stages-cl", "map", "map-cl"}
+    assert {m["impl"] for m in ms} == {"fastkd", "eager"}
+    assert all(m["rel_err"] < 1e-5 for m in ms if not m["derived"])
