@@ -10,6 +10,11 @@ the inputs. Their backward scales that saved gradient in place by ``grad_output`
 ``grad_output`` is exactly 1 -- the common ``loss.backward()``. Because the saved gradient is
 consumed in place, a second backward through the same graph (``retain_graph=True``) is refused by
 autograd's saved-tensor version check instead of returning a wrongly scaled gradient.
+
+Channel attention is not one-pass: its gradient is one value per (b, c) broadcast over H x W, so
+the forward keeps only those values (``diff``, a few KiB) and the backward writes the broadcast
+gradient, once, when autograd asks for it -- storing a full-size gradient from the forward would
+double the bytes moved. Its backward can therefore run more than once (``retain_graph=True``).
 """
 
 from __future__ import annotations

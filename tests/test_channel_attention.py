@@ -134,6 +134,24 @@ def test_reduction_and_grad_output(backend, reduction):
                  grad_output=-3.5)
 
 
+@pytest.mark.parametrize("backend", FUSED_CPU)
+def test_backward_twice(backend):
+    """The forward keeps only the per-channel values, so a retained graph can run backward again."""
+    s = feature_map((2, 6, 4, 4), seed=130).requires_grad_()
+    t = feature_map((2, 6, 2, 2), seed=131)
+    loss = fastkd.channel_attention_loss(s, t, backend=backend)
+    loss.backward(retain_graph=True)
+    first = s.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(s.grad, 2 * first, rtol=0, atol=0)
+
+
+def test_auto_backend_runs_on_cpu():
+    s, t = feature_map((2, 6, 4, 4), seed=132), feature_map((2, 6, 2, 2), seed=133)
+    expected = fastkd.channel_attention_loss(s, t, backend="cpu")
+    assert torch.equal(fastkd.channel_attention_loss(s, t), expected)
+
+
 SHAPES = [
     ((1, 1, 1, 1), (1, 1, 1, 1)),
     ((1, 1, 1, 1), (1, 1, 5, 5)),
