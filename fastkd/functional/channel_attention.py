@@ -30,6 +30,7 @@ from .._inputs import (
     check_tensor_list,
     check_weights,
 )
+from ..ops import ChannelAttentionLoss
 
 REDUCTIONS = ("mean", "sum")
 
@@ -65,12 +66,18 @@ def channel_attention_loss(
         from ..reference import channel_attention_loss_ref
 
         return channel_attention_loss_ref(students, teachers, weights=w, reduction=reduction)
-    op = (
-        torch.ops.fastkd.channel_attention_fwd_triton
-        if chosen == "triton"
-        else torch.ops.fastkd.channel_attention_fwd
-    )
-    loss, _ = op(students, teachers, w, reduction == "mean")
+    if chosen == "triton":
+        fwd = torch.ops.fastkd.channel_attention_fwd_triton
+        bwd = torch.ops.fastkd.channel_attention_bwd_triton
+    else:
+        fwd, bwd = torch.ops.fastkd.channel_attention_fwd, torch.ops.fastkd.channel_attention_bwd
+    mean = reduction == "mean"
+    # The teacher is a constant: detached (a view), the loss of a student that does not require
+    # grad does not either, even when a teacher does.
+    teachers = [t.detach() for t in teachers]
+    if torch.is_grad_enabled() and any(s.requires_grad for s in students):
+        return ChannelAttentionLoss.apply(fwd, bwd, teachers, w, mean, *students)
+    loss, _ = fwd(students, teachers, w, mean)
     return loss
 
 
