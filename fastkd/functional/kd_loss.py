@@ -100,7 +100,9 @@ def kd_loss(
         )
 
     s3 = as_rows3d(student)
-    t3 = [as_rows3d(t) for t in teachers]
+    # Detached (views): a teacher that requires grad must not make the loss require grad through
+    # the op, which has no autograd kernel (the student alone is differentiated, by OnePassLoss).
+    t3 = [as_rows3d(t.detach()) for t in teachers]
     y = None if labels is None else labels.reshape(-1).to(torch.int64)
     kd_coefs, ce_coef, kd_row_weights, ce_row_weights = _plan(
         s3, t3, y, temperature, alpha, guided, ignore_index, weights, reduction
