@@ -21,7 +21,7 @@
 //    ones (max first, then the sums), as on the CPU.
 //  * streaming (wider rows): one block per row. Sweep 1 runs an online softmax over the student
 //    and the first teacher with a nonzero weight together, later teachers get one sweep each; the
-//    gradient sweep then re-reads the row, mostly from L2.
+//    gradient sweep then re-reads the row, from L2 while the rows in flight (one per block) fit.
 // Rows are addressed with 64-bit offsets. 16-byte vector accesses are used when every row start is
 // 16-byte aligned and C is a multiple of the vector width (checked on the host); otherwise the
 // same kernels run with one element per access.
@@ -62,14 +62,21 @@ constexpr int kResidentElems = 16;
 // Threads per row at most in the resident kernel; wider rows stream.
 constexpr int kResidentMaxThreads = 512;
 constexpr int kResidentMaxCols = kResidentElems * kResidentMaxThreads;
+static_assert(kResidentElems % 8 == 0, "a thread's share is a whole number of 16-byte vectors");
+static_assert(kResidentMaxThreads >= 64 && kResidentMaxThreads <= 1024 &&
+                  (kResidentMaxThreads & (kResidentMaxThreads - 1)) == 0,
+              "threads per row double from one warp up to kResidentMaxThreads");
 // Rows per block when one warp holds a row (C <= 32 * kResidentElems).
 constexpr int kWarpRowsPerBlock = 8;
 // Threads per row (= per block) of the streaming kernel, and the classes each thread loads per
 // step of a sweep (several independent 16-byte loads in flight per thread).
 constexpr int kStreamThreads = 512;
 constexpr int kStreamElems = 16;
+// At least two warps, so that every reduction is a block barrier: the per-teacher values one
+// thread leaves in shared memory for the gradient sweep rely on it.
 static_assert(kStreamThreads % 32 == 0 && kStreamThreads >= 64 && kStreamThreads <= 1024,
-              "the streaming kernel's reductions need whole warps and at least two of them");
+              "the streaming kernel needs whole warps, at least two of them");
+static_assert(kStreamElems % 8 == 0, "a step is a whole number of 16-byte vectors");
 // Grid size at most; the kernels loop over rows beyond it.
 constexpr int64_t kMaxBlocks = std::numeric_limits<int32_t>::max();
 
@@ -725,8 +732,9 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
   const KDLossArgs a =
       prepare_kd_loss(student, teachers, labels, kd_row_weights, ce_row_weights, kd_coefs, ce_coef,
                       temperature, label_smoothing, ignore_index, compute_grad, out);
-  TORCH_CHECK(a.cols <= std::numeric_limits<int32_t>::max() / 2,
-              "fastkd: the CUDA kernel takes at most 2^30 classes, got ", a.cols);
+  // Column indices inside a row are 32-bit (with headroom for a sweep's last step).
+  TORCH_CHECK(a.cols <= (int64_t{1} << 30), "fastkd: the CUDA kernel takes at most 2^30 classes, "
+              "got ", a.cols);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t outer = student.size(0);
   switch (student.scalar_type()) {
