@@ -152,7 +152,12 @@ def _kd_loss_fwd_kernel(
         if v != 0.0:
             valid = (y >= 0) & (y < C)
             s_y = tl.load(s_row + tl.where(valid, y, 0)).to(tl.float32)
-            ce = lse_1 - (1.0 - eps) * s_y - eps / C * sum_s
+            # Without smoothing the sum of s (-inf with a masked vocabulary) must not enter as
+            # 0 * -inf = NaN.
+            smooth = 0.0
+            if eps != 0.0:
+                smooth = eps / C * sum_s
+            ce = lse_1 - (1.0 - eps) * s_y - smooth
             # An out-of-range label cannot raise on the GPU without a host sync: it makes the
             # loss NaN, loudly, and its row's CE gradient is dropped.
             loss += tl.where(valid, v * ce, float("nan"))
