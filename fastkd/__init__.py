@@ -2,12 +2,14 @@
 
 ``fastkd.kd_loss`` (and ``fastkd.nn.KDLoss``) computes temperature-scaled KD -- with hard-label CE,
 guided KD and teacher cohorts -- in one pass over the logits, on C++ CPU, CUDA and Triton kernels.
+``fastkd.feature_regression_loss`` (``fastkd.nn.FeatureRegressionLoss``) regresses student feature
+maps onto teacher maps (FitNet hints, neighbourhood distillation, FEED), all stages in one launch.
 """
 
 from . import ops  # noqa: F401  (registers fake and autograd implementations)
 from . import nn, reference
-from .functional import kd_loss
+from .functional import feature_regression_loss, kd_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["kd_loss", "nn", "reference", "__version__"]
+__all__ = ["feature_regression_loss", "kd_loss", "nn", "reference", "__version__"]

@@ -36,12 +36,25 @@ def _kd_loss_fwd_fake(
     return loss, grad
 
 
+def _feature_regression_fwd_fake(students, teachers, weights, p, normalize, mean, compute_grad):
+    dtype = torch.float64 if students[0].dtype == torch.float64 else torch.float32
+    loss = students[0].new_empty((), dtype=dtype)
+    # empty_like keeps a dense student's strides, as the kernels' allocation does.
+    grads = [torch.empty_like(s) if g else s.new_empty((0,)) for s, g in zip(students, compute_grad)]
+    return loss, grads
+
+
 def _scale_grad_fake(grad, grad_output):
     return None
 
 
-def _one_pass_autograd(scale_grad_: Callable[[torch.Tensor, torch.Tensor], None]):
-    """setup_context/backward for an op returning (loss, grad) whose first input is the student."""
+def _one_pass_autograd(scale_grad_: Callable[..., None]):
+    """setup_context/backward for an op returning (loss, grad) whose first input is the student.
+
+    Ops over a list of students return a list of gradients and end with a list of compute_grad
+    flags (one per student); their backward scales every computed gradient with one grouped call
+    of `scale_grad_`, which then takes the list.
+    """
 
     def setup_context(ctx, inputs, output):
         # autograd wants one entry per input, and a list of them for a Tensor[] input.
@@ -49,20 +62,32 @@ def _one_pass_autograd(scale_grad_: Callable[[torch.Tensor, torch.Tensor], None]
             [None] * len(x) if isinstance(x, list) and x and isinstance(x[0], torch.Tensor) else None
             for x in inputs[1:]
         )
-        ctx.has_grad = bool(inputs[-1])  # every one-pass op ends with `compute_grad`
-        ctx.save_for_backward(output[1])
+        flags = inputs[-1]  # every one-pass op ends with `compute_grad`
+        if isinstance(flags, (list, tuple)):
+            ctx.grad_flags = [bool(f) for f in flags]
+            ctx.has_grad = any(ctx.grad_flags)
+            ctx.save_for_backward(*[g for g, f in zip(output[1], ctx.grad_flags) if f])
+        else:
+            ctx.grad_flags = None
+            ctx.has_grad = bool(flags)
+            ctx.save_for_backward(output[1])
 
-    def backward(ctx, grad_loss, _grad_of_grad):
+    def backward(ctx, grad_loss, *_grads_of_grads):
         if not ctx.has_grad:
             raise RuntimeError(
                 "fastkd: this loss was computed with compute_grad=False, so it has no gradient; "
                 "call it through the fastkd API, which asks for one when the student requires it"
             )
-        (grad,) = ctx.saved_tensors
+        saved = ctx.saved_tensors
         if grad_loss.dtype not in (torch.float32, torch.float64):
             grad_loss = grad_loss.float()
-        scale_grad_(grad, grad_loss.contiguous())
-        return (grad, *ctx.no_grads)
+        grad_loss = grad_loss.contiguous()
+        if ctx.grad_flags is None:
+            scale_grad_(saved[0], grad_loss)
+            return (saved[0], *ctx.no_grads)
+        scale_grad_(list(saved), grad_loss)
+        it = iter(saved)
+        return ([next(it) if f else None for f in ctx.grad_flags], *ctx.no_grads)
 
     return setup_context, backward
 
@@ -74,10 +99,20 @@ def _register_one_pass(fwd: str, fake: Callable, scale_grad_: Callable) -> None:
 
 
 torch.library.register_fake("fastkd::scale_grad_")(_scale_grad_fake)
+torch.library.register_fake("fastkd::scale_grads_")(_scale_grad_fake)
 _register_one_pass("fastkd::kd_loss_fwd", _kd_loss_fwd_fake, torch.ops.fastkd.scale_grad_)
+_register_one_pass(
+    "fastkd::feature_regression_fwd", _feature_regression_fwd_fake, torch.ops.fastkd.scale_grads_
+)
 
 if triton_status() is None:
     torch.library.register_fake("fastkd::scale_grad_triton_")(_scale_grad_fake)
     _register_one_pass(
         "fastkd::kd_loss_fwd_triton", _kd_loss_fwd_fake, torch.ops.fastkd.scale_grad_triton_
+    )
+    torch.library.register_fake("fastkd::scale_grads_triton_")(_scale_grad_fake)
+    _register_one_pass(
+        "fastkd::feature_regression_fwd_triton",
+        _feature_regression_fwd_fake,
+        torch.ops.fastkd.scale_grads_triton_,
     )
