@@ -40,7 +40,10 @@ def _feature_regression_fwd_fake(students, teachers, weights, p, normalize, mean
     dtype = torch.float64 if students[0].dtype == torch.float64 else torch.float32
     loss = students[0].new_empty((), dtype=dtype)
     # empty_like keeps a dense student's strides, as the kernels' allocation does.
-    grads = [torch.empty_like(s) if g else s.new_empty((0,)) for s, g in zip(students, compute_grad)]
+    grads = [
+        torch.empty_like(s) if g else s.new_empty((0,))
+        for s, g in zip(students, compute_grad, strict=True)
+    ]
     return loss, grads
 
 
@@ -66,7 +69,7 @@ def _one_pass_autograd(scale_grad_: Callable[..., None]):
         if isinstance(flags, (list, tuple)):
             ctx.grad_flags = [bool(f) for f in flags]
             ctx.has_grad = any(ctx.grad_flags)
-            ctx.save_for_backward(*[g for g, f in zip(output[1], ctx.grad_flags) if f])
+            ctx.save_for_backward(*[g for g, f in zip(output[1], ctx.grad_flags, strict=True) if f])
         else:
             ctx.grad_flags = None
             ctx.has_grad = bool(flags)

@@ -1,4 +1,5 @@
-"""Triton kernels of ``fastkd::feature_regression_fwd_triton`` (contract: csrc/feature_regression.h).
+"""Triton kernels of ``fastkd::feature_regression_fwd_triton``; contract in
+csrc/feature_regression.h.
 
 Per pair ``i`` of student ``a`` and teacher ``b`` of one shape ``[B, ...]``, ``D`` elements per
 sample, ``c = weight / (B * D)`` (mean) or ``weight`` (sum)::
@@ -6,7 +7,8 @@ sample, ``c = weight / (B * D)`` (mean) or ``weight`` (sum)::
     normalize=False:  loss = c * sum |a - b|^p,  grad = c * p * |d|^(p-1) sign(d),  d = a - b
     normalize=True:   u = a / max(||a||, eps), v = b / max(||b||, eps) per sample, d = u - v,
                       g = sign(d) (p=1) or d (p=2), loss = c * sum |d|^p,
-                      grad = c * p * (g - u <u, g>) / ||a||  (||a|| >= eps), c * p * g / eps otherwise
+                      grad = c * p * (g - u <u, g>) / ||a||  (||a|| >= eps)
+                             c * p * g / eps                  (||a|| < eps: u = a / eps)
 
 Shapes: every tensor is dense with each sample contiguous (NCHW or channels_last) and a pair shares
 one layout, so pairs are flat arrays; the gradient has the student's strides.
@@ -213,7 +215,7 @@ def feature_regression_fwd_triton(
         raise ValueError(f"fastkd: feature_regression supports p = 1 or 2, got {p}")
     device = students[0].device
     sizes = []
-    for i, (s, t) in enumerate(zip(students, teachers)):
+    for i, (s, t) in enumerate(zip(students, teachers, strict=True)):
         if s.shape != t.shape or s.dim() < 2 or s.numel() == 0:
             raise ValueError(f"fastkd: pair {i} has shapes {tuple(s.shape)} and {tuple(t.shape)}")
         if s.dtype != students[0].dtype or t.dtype != teachers[0].dtype:
@@ -238,17 +240,19 @@ def feature_regression_fwd_triton(
         counts = [triton.cdiv(b * d, block * blocks) for b, d in sizes]
         lens = [b * d for b, d in sizes]
     firsts = [sum(counts[:i]) for i in range(k)]
-    ends = [f + c for f, c in zip(firsts, counts)]
+    ends = [f + c for f, c in zip(firsts, counts, strict=True)]
     programs = ends[-1]
     partials = torch.empty(programs, device=device, dtype=torch.float32)
     grads = [
-        torch.empty_like(s) if g else s.new_empty((0,)) for s, g in zip(students, compute_grad)
+        torch.empty_like(s) if g else s.new_empty((0,))
+        for s, g in zip(students, compute_grad, strict=True)
     ]
     scales = [
-        float(w) / (b * d) if mean else float(w) for w, (b, d) in zip(weights, sizes)
+        float(w) / (b * d) if mean else float(w)
+        for w, (b, d) in zip(weights, sizes, strict=True)
     ]
     pad = MAX_PAIRS - k
-    grad_ptrs = [g if flag else partials for g, flag in zip(grads, compute_grad)]
+    grad_ptrs = [g if flag else partials for g, flag in zip(grads, compute_grad, strict=True)]
     mask = sum(1 << i for i, flag in enumerate(compute_grad) if flag)
     wrap_triton(_feature_regression_fwd_kernel)[(programs,)](
         *students, *[students[0]] * pad,

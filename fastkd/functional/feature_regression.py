@@ -99,12 +99,13 @@ def feature_regression_loss(
     # One launch per (student dtype, teacher dtype) group of up to MAX_KERNEL_PAIRS pairs; a
     # usual call (all stages in one dtype, at most 8 of them) is a single launch.
     groups: dict[tuple[torch.dtype, torch.dtype], list[tuple]] = {}
-    for s, t, w in zip(students, teachers, weights):
+    for s, t, w in zip(students, teachers, weights, strict=True):
         if not sample_blocked(s):
             s = s.contiguous()
         if not (sample_blocked(t) and same_layout(s, t)):
             t = torch.empty_like(s, dtype=t.dtype).copy_(t)
-        groups.setdefault((s.dtype, t.dtype), []).append((s, t, w, grad_enabled and s.requires_grad))
+        needs_grad = grad_enabled and s.requires_grad
+        groups.setdefault((s.dtype, t.dtype), []).append((s, t, w, needs_grad))
     total = None
     for pairs in groups.values():
         for start in range(0, len(pairs), MAX_KERNEL_PAIRS):
@@ -139,7 +140,7 @@ def _check_feats(student_feats, teacher_feats) -> tuple[list[torch.Tensor], list
             f"{len(students)} student and {len(teachers)} teacher tensors"
         )
     single = len(students) == 1
-    for i, (s, t) in enumerate(zip(students, teachers)):
+    for i, (s, t) in enumerate(zip(students, teachers, strict=True)):
         sname = "student_feats" if single else f"student_feats[{i}]"
         tname = "teacher_feats" if single else f"teacher_feats[{i}]"
         check_float_tensor(s, sname)

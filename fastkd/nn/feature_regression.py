@@ -1,4 +1,5 @@
-"""``fastkd.nn.FeatureRegressionLoss``: the module form of :func:`fastkd.feature_regression_loss`."""
+"""``fastkd.nn.FeatureRegressionLoss``: the module form of
+:func:`fastkd.feature_regression_loss`."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ def feature_regression_loss_ref(
     weights = [1.0] * len(students) if weights is None else [float(w) for w in weights]
     acc = torch.float64 if students[0].dtype == torch.float64 else torch.float32
     total = torch.zeros((), dtype=acc, device=students[0].device)
-    for s, t, w in zip(students, teachers, weights):
+    for s, t, w in zip(students, teachers, weights, strict=True):
         a = s.to(acc)
         b = t.detach().to(acc)
         if normalize:
