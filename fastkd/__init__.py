@@ -6,8 +6,11 @@ guided KD and teacher cohorts -- in one pass over the logits, on C++ CPU, CUDA a
 maps onto teacher maps (FitNet hints, neighbourhood distillation, FEED), all stages in one launch.
 """
 
-from . import ops  # noqa: F401  (registers fake and autograd implementations)
-from . import nn, reference
+from . import (
+    nn,
+    ops,  # noqa: F401  (registers fake and autograd implementations)
+    reference,
+)
 from .functional import feature_regression_loss, kd_loss
 
 __version__ = "0.1.0"

@@ -4,8 +4,8 @@
 Each loss describes, per backend, whether it can run the given inputs and if not, why. With
 ``backend="auto"`` (or the ``FASTKD_BACKEND`` environment variable, read when fastkd is imported)
 the first backend in the preference order that accepts the inputs runs: the order for CUDA tensors
-comes from the measured table ``fastkd/tuning/<loss>.json`` when one is committed for the GPU in use,
-otherwise CUDA C++ first. An explicit request that cannot be met raises an error listing every
+comes from the measured table ``fastkd/tuning/<loss>.json`` when one is committed for the GPU in
+use, otherwise CUDA C++ first. An explicit request that cannot be met raises an error listing every
 backend's reason.
 """
 
@@ -80,7 +80,9 @@ def device_reason(backend: str, device: torch.device) -> str | None:
             return None
         if device.type == "cpu" and TRITON_INTERPRET:
             return None
-        return f"tensors are on {device}; Triton runs on CUDA (or on the CPU under TRITON_INTERPRET=1)"
+        return (
+            f"tensors are on {device}; Triton runs on CUDA (or on the CPU under TRITON_INTERPRET=1)"
+        )
     raise AssertionError(backend)
 
 
@@ -119,7 +121,9 @@ def choose(
     inputs (beyond the device), or None.
     """
     if requested not in CHOICES:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, CHOICES))}, got {requested!r}")
+        raise ValueError(
+            f"backend must be one of {', '.join(map(repr, CHOICES))}, got {requested!r}"
+        )
     if requested == "auto":
         requested = _ENV_BACKEND
 

@@ -62,7 +62,9 @@ def _one_pass_autograd(scale_grad_: Callable[..., None]):
     def setup_context(ctx, inputs, output):
         # autograd wants one entry per input, and a list of them for a Tensor[] input.
         ctx.no_grads = tuple(
-            [None] * len(x) if isinstance(x, list) and x and isinstance(x[0], torch.Tensor) else None
+            [None] * len(x)
+            if isinstance(x, list) and x and isinstance(x[0], torch.Tensor)
+            else None
             for x in inputs[1:]
         )
         flags = inputs[-1]  # every one-pass op ends with `compute_grad`
