@@ -127,7 +127,10 @@ def _normalized_sample(s_ptr, t_ptr, g_ptr, sample, D, scale, P: tl.constexpr,
     na = tl.sqrt_rn(tl.sum(sa, 0))
     nb = tl.sqrt_rn(tl.sum(sb, 0))
     ia = 1.0 / tl.maximum(na, EPS)
-    ib = 1.0 / tl.maximum(nb, EPS)
+    # d = (a - r b) / ||a|| with r = ||a|| / ||b||, not a / ||a|| - b / ||b||: a fused
+    # multiply-subtract in the latter would make d nonzero for equal samples (sign(d) = +-1 where
+    # it must be 0); the former is exact there (r = 1).
+    r = tl.maximum(na, EPS) / tl.maximum(nb, EPS)
 
     blocks = tl.cdiv(D, BLOCK)
     lsum = tl.zeros([BLOCK], dtype=tl.float32)
@@ -135,8 +138,10 @@ def _normalized_sample(s_ptr, t_ptr, g_ptr, sample, D, scale, P: tl.constexpr,
     for i in range(0, blocks):
         offs = (blocks - 1 - i) * BLOCK + cols
         mask = offs < D
-        u = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32) * ia
-        e = u - tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32) * ib
+        a = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
+        u = a * ia
+        e = (a - b * r) * ia
         lsum += _err(e, P)
         if HAS_GRAD:
             dsum += u * _dir(e, P)
@@ -149,8 +154,10 @@ def _normalized_sample(s_ptr, t_ptr, g_ptr, sample, D, scale, P: tl.constexpr,
         for start in range(0, D, BLOCK):
             offs = start + cols
             mask = offs < D
-            u = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32) * ia
-            e = u - tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32) * ib
+            a = tl.load(s_row + offs, mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
+            u = a * ia
+            e = (a - b * r) * ia
             tl.store(g_row + offs, _to_grad((_dir(e, P) - u * dot) * k, g_ptr), mask=mask)
     return tl.sum(lsum, 0) * scale
 

@@ -194,13 +194,16 @@ void norms_chunk(const S* s, const T* t, int64_t n, acc_t& sa, acc_t& sb) {
   sb = hsum(b_lo + b_hi) + tb;
 }
 
-// normalize = true, sweep 2: sum |u - v|^p and (when DOT) <u, g>.
+// normalize = true, sweep 2: sum |u - v|^p and (when DOT) <u, g>. The difference is taken as
+// d = (a - r b) / ||a|| with r = ||a|| / ||b|| rather than a / ||a|| - b / ||b||: the compiler may
+// fuse either product of the latter into the subtraction, which would make d nonzero for equal
+// samples (and sign(d) = +-1 where it must be 0); the former is exact there (r = 1).
 template <int P, bool DOT, typename acc_t, typename S, typename T>
-void loss_dot_chunk(const S* s, const T* t, int64_t n, acc_t ia, acc_t ib, acc_t& loss,
+void loss_dot_chunk(const S* s, const T* t, int64_t n, acc_t ia, acc_t r, acc_t& loss,
                     acc_t& dot) {
   using V = Vec<acc_t>;
   constexpr int64_t K = kStep<acc_t>;
-  const V via(ia), vib(ib);
+  const V via(ia), vr(r);
   V l_lo(0), l_hi(0), d_lo(0), d_hi(0);
   int64_t i = 0;
   for (; i + K <= n; i += K) {
@@ -208,7 +211,7 @@ void loss_dot_chunk(const S* s, const T* t, int64_t n, acc_t ia, acc_t ib, acc_t
     load_step<acc_t>(s + i, s0, s1);
     load_step<acc_t>(t + i, t0, t1);
     const V u0 = s0 * via, u1 = s1 * via;
-    const V e0 = u0 - t0 * vib, e1 = u1 - t1 * vib;
+    const V e0 = (s0 - t0 * vr) * via, e1 = (s1 - t1 * vr) * via;
     l_lo += err<P>(e0);
     l_hi += err<P>(e1);
     if constexpr (DOT) {
@@ -218,8 +221,9 @@ void loss_dot_chunk(const S* s, const T* t, int64_t n, acc_t ia, acc_t ib, acc_t
   }
   acc_t tl = 0, td = 0;
   for (; i < n; ++i) {
-    const acc_t u = static_cast<acc_t>(s[i]) * ia;
-    const acc_t e = u - static_cast<acc_t>(t[i]) * ib;
+    const acc_t a = static_cast<acc_t>(s[i]);
+    const acc_t u = a * ia;
+    const acc_t e = (a - static_cast<acc_t>(t[i]) * r) * ia;
     tl += err<P>(e);
     if constexpr (DOT) td += u * dir<P>(e);
   }
@@ -230,22 +234,23 @@ void loss_dot_chunk(const S* s, const T* t, int64_t n, acc_t ia, acc_t ib, acc_t
 // normalize = true, sweep 3: grad = k * (g - u * dot) with k = c * p / max(||a||, eps) and dot =
 // <u, g> (0 when ||a|| < eps, where the normalisation is linear).
 template <int P, typename acc_t, typename S, typename T>
-void grad_chunk(const S* s, const T* t, S* g, int64_t n, acc_t ia, acc_t ib, acc_t k, acc_t dot) {
+void grad_chunk(const S* s, const T* t, S* g, int64_t n, acc_t ia, acc_t r, acc_t k, acc_t dot) {
   using V = Vec<acc_t>;
   constexpr int64_t K = kStep<acc_t>;
-  const V via(ia), vib(ib), vk(k), vdot(dot);
+  const V via(ia), vr(r), vk(k), vdot(dot);
   int64_t i = 0;
   for (; i + K <= n; i += K) {
     V s0, s1, t0, t1;
     load_step<acc_t>(s + i, s0, s1);
     load_step<acc_t>(t + i, t0, t1);
     const V u0 = s0 * via, u1 = s1 * via;
-    const V e0 = u0 - t0 * vib, e1 = u1 - t1 * vib;
+    const V e0 = (s0 - t0 * vr) * via, e1 = (s1 - t1 * vr) * via;
     store_step<S>(g + i, (dir<P>(e0) - u0 * vdot) * vk, (dir<P>(e1) - u1 * vdot) * vk);
   }
   for (; i < n; ++i) {
-    const acc_t u = static_cast<acc_t>(s[i]) * ia;
-    const acc_t e = u - static_cast<acc_t>(t[i]) * ib;
+    const acc_t a = static_cast<acc_t>(s[i]);
+    const acc_t u = a * ia;
+    const acc_t e = (a - static_cast<acc_t>(t[i]) * r) * ia;
     g[i] = to_out<S>((dir<P>(e) - u * dot) * k);
   }
 }
@@ -293,18 +298,20 @@ void run_plain(const RegressionPair* pairs, int64_t num_pairs, double* pair_sum)
 // Per-sample factors derived from the canonical float64 sums of its chunk partials.
 template <typename acc_t>
 struct SampleNorms {
-  acc_t ia = 0, ib = 0;      // 1 / max(||a||, eps), 1 / max(||b||, eps)
-  bool projected = false;    // ||a|| >= eps: the gradient is projected off u
+  acc_t ia = 0;            // 1 / max(||a||, eps)
+  acc_t r = 0;             // max(||a||, eps) / max(||b||, eps)
+  bool projected = false;  // ||a|| >= eps: the gradient is projected off u
 };
 
 template <typename acc_t>
 inline SampleNorms<acc_t> sample_norms(double sa, double sb) {
-  SampleNorms<acc_t> r;
+  SampleNorms<acc_t> out;
   const double na = std::sqrt(sa), nb = std::sqrt(sb);
-  r.ia = static_cast<acc_t>(1.0 / std::max(na, kRegressionEps));
-  r.ib = static_cast<acc_t>(1.0 / std::max(nb, kRegressionEps));
-  r.projected = na >= kRegressionEps;
-  return r;
+  const double ca = std::max(na, kRegressionEps), cb = std::max(nb, kRegressionEps);
+  out.ia = static_cast<acc_t>(1.0 / ca);
+  out.r = static_cast<acc_t>(ca / cb);
+  out.projected = na >= kRegressionEps;
+  return out;
 }
 
 template <int P, typename acc_t, typename S, typename T>
@@ -323,15 +330,15 @@ struct NormalizedSample {
   }
   void sweep_loss(int64_t c, const SampleNorms<acc_t>& nm, acc_t& loss, acc_t& dot) const {
     if (g != nullptr && nm.projected) {
-      loss_dot_chunk<P, true>(s + c * kChunk, t + c * kChunk, chunk_len(c), nm.ia, nm.ib, loss,
+      loss_dot_chunk<P, true>(s + c * kChunk, t + c * kChunk, chunk_len(c), nm.ia, nm.r, loss,
                               dot);
     } else {
-      loss_dot_chunk<P, false>(s + c * kChunk, t + c * kChunk, chunk_len(c), nm.ia, nm.ib, loss,
+      loss_dot_chunk<P, false>(s + c * kChunk, t + c * kChunk, chunk_len(c), nm.ia, nm.r, loss,
                                dot);
     }
   }
   void sweep_grad(int64_t c, const SampleNorms<acc_t>& nm, double dot) const {
-    grad_chunk<P>(s + c * kChunk, t + c * kChunk, g + c * kChunk, chunk_len(c), nm.ia, nm.ib,
+    grad_chunk<P>(s + c * kChunk, t + c * kChunk, g + c * kChunk, chunk_len(c), nm.ia, nm.r,
                   gscale * nm.ia, nm.projected ? static_cast<acc_t>(dot) : acc_t(0));
   }
 };
@@ -352,10 +359,14 @@ void run_normalized(const RegressionPair* pairs, int64_t num_pairs, double* pair
                   ceil_div(pr.sample_len, kChunk), static_cast<acc_t>(pr.loss_scale * P)};
   };
   std::vector<double> sample_loss(num_samples);
+  int64_t total = 0;
+  for (int64_t i = 0; i < num_pairs; ++i) total += pairs[i].samples * pairs[i].sample_len;
 
   if (num_samples >= 4 * static_cast<int64_t>(at::get_num_threads())) {
-    // One thread per sample, three sweeps while it is cached.
-    const int64_t grain = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, pairs[0].sample_len));
+    // One thread per sample, three sweeps while it is cached; tasks of at least two chunks'
+    // worth of elements, so small calls stay on one thread.
+    const int64_t grain =
+        std::max<int64_t>(1, 2 * kChunk * num_samples / std::max<int64_t>(1, total));
     at::parallel_for(0, num_samples, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> ca, cb;
       for (int64_t j = begin; j < end; ++j) {
@@ -388,11 +399,14 @@ void run_normalized(const RegressionPair* pairs, int64_t num_pairs, double* pair
       first_chunk[j + 1] = first_chunk[j] + sample(j).chunks;
     }
     const int64_t num_chunks = first_chunk[num_samples];
+    // Tasks of at least two full chunks' worth of elements: small calls stay on one thread.
+    const int64_t grain =
+        std::max<int64_t>(1, 2 * kChunk * num_chunks / std::max<int64_t>(1, total));
     std::vector<acc_t> ca(num_chunks), cb(num_chunks);
     std::vector<SampleNorms<acc_t>> norms(num_samples);
     std::vector<double> dots(num_samples);
     auto over_chunks = [&](const auto& f) {
-      at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, num_chunks, grain, [&](int64_t begin, int64_t end) {
         for (int64_t item = begin; item < end; ++item) {
           const int64_t j = static_cast<int64_t>(segment_of(first_chunk, item));
           f(j, sample(j), item - first_chunk[j], item);
@@ -488,9 +502,9 @@ void feature_regression_kernel(const RegressionPair* pairs, int64_t num_pairs, i
 
 #include "feature_regression_op.h"
 
-FASTKD_CPU_DECLARE_VARIANTS(void feature_regression_kernel(const RegressionPair*, int64_t, int, bool,
-                                                           c10::ScalarType, c10::ScalarType,
-                                                           double*))
+FASTKD_CPU_DECLARE_VARIANTS(void feature_regression_kernel(const RegressionPair*, int64_t, int,
+                                                           bool, c10::ScalarType,
+                                                           c10::ScalarType, double*))
 
 namespace fastkd {
 
