@@ -3,8 +3,8 @@
 * C++ CPU kernels always. Each ``csrc/cpu/<loss>.cpp`` is compiled once per CPU capability
   (DEFAULT, and AVX2 / AVX512 on x86-64) from small generated wrapper files, the way ATen builds
   its kernels, and the DEFAULT build picks the best one at run time with
-  ``at::get_cpu_capability()``
-  (which honours ``ATEN_CPU_CAPABILITY``, so tests can force each variant).
+  ``at::get_cpu_capability()`` (which honours ``ATEN_CPU_CAPABILITY``, so tests can force each
+  variant).
 * CUDA kernels whenever torch is a CUDA build and ``nvcc`` is found -- also on a machine without a
   GPU, so every ``.cu`` file is compiled in CI. ``FASTKD_BUILD_CUDA=0|1|auto`` (default auto).
   ``FASTKD_CUDA_ARCHS`` (default ``80;90a``) lists the SASS targets; PTX of the newest plain arch is

@@ -28,9 +28,8 @@ def kd_loss_ref(
     """Same arguments and result as :func:`fastkd.kd_loss` (computed in float32, or float64 for
     float64 inputs); differentiable through autograd."""
     if isinstance(teacher_logits, torch.Tensor):
-        teachers = [teacher_logits]
-    else:
-        teachers = list(teacher_logits)
+        teacher_logits = [teacher_logits]
+    teachers = list(teacher_logits)
     weights = [1.0] * len(teachers) if teacher_weights is None else list(teacher_weights)
     acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     classes = student_logits.shape[-1]
