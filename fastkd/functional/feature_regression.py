@@ -174,9 +174,12 @@ def _choose_backend(students: list[torch.Tensor], requested: str) -> str:
             return "float64 runs on the CPU backend only"
         return None
 
+    # A tuning table's size measure for this loss: the longest sample, in elements.
     return backends.choose(
         "feature_regression",
         requested,
         students[0].device,
         {"cuda": gpu_reason, "triton": gpu_reason},
+        dtype=students[0].dtype,
+        size=max(s.numel() // s.shape[0] for s in students),
     )
