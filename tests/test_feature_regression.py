@@ -7,10 +7,16 @@ CUDA C++ and Triton-on-GPU tests at the end are marked ``cuda`` and skipped with
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 from conftest import CPU_BACKENDS, CUDA
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastkd
@@ -264,6 +270,51 @@ def test_lists_of_pairs(backend, count):
     students, teachers = _pairs(shapes, seed=count)
     teachers = [t.to(torch.bfloat16) if i % 2 else t for i, t in enumerate(teachers)]
     _check(students, teachers, backend, p=2, normalize=False, weights=weights)
+
+
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=2, max_size=4),
+    p=st.sampled_from([1, 2]),
+    normalize=st.booleans(),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_cpu(shape, p, normalize, scale, dtype, seed):
+    students, teachers = _pairs([tuple(shape)], dtype, scale=scale, seed=seed)
+    _check(students, teachers, "cpu", p=p, normalize=normalize)
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpu_capability_variants(capability):
+    # Every compiled variant of the CPU kernel (the machine's own runs everywhere else).
+    script = textwrap.dedent(
+        """
+        import torch, fastkd
+        from fastkd.reference import feature_regression_loss_ref as ref
+        g = torch.Generator().manual_seed(0)
+        for p, normalize in [(1, False), (2, False), (1, True), (2, True)]:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                s = torch.randn(3, 5, 7, 9, generator=g).to(dtype).requires_grad_()
+                t = torch.randn(3, 5, 7, 9, generator=g).to(dtype)
+                loss = fastkd.feature_regression_loss(s, t, p=p, normalize=normalize,
+                                                      backend="cpu")
+                loss.backward()
+                s64 = s.detach().double().requires_grad_()
+                r = ref(s64, t.double(), p=p, normalize=normalize)
+                r.backward()
+                tol = {torch.float64: 1e-10, torch.float32: 2e-5}.get(dtype, 1e-2)
+                assert abs(loss.item() - r.item()) <= tol * abs(r.item()), (p, normalize, dtype)
+                err = (s.grad.double() - s64.grad).abs().max().item()
+                assert err <= tol * s64.grad.abs().max().item(), (p, normalize, dtype, err)
+        print(torch.backends.cpu.get_cpu_capability())
+        """
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == capability.upper()
 
 
 # ---------------------------------------------------------------------------------------------
