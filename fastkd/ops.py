@@ -68,6 +68,12 @@ def _one_pass_autograd(scale_grad_: Callable[..., None]):
         ctx.no_grads = tuple(
             [None] * len(x) if _is_tensor_list(x) else None for x in inputs[1:]
         )
+        # The gradient outputs are results, not functions of the inputs to differentiate; without
+        # this autograd would also hand the backward a zero-filled tensor of every gradient's
+        # size (materialised for the unused outputs), as costly as the loss itself.
+        grads = output[1] if isinstance(output[1], (list, tuple)) else [output[1]]
+        ctx.mark_non_differentiable(*grads)
+        ctx.set_materialize_grads(False)
         flags = inputs[-1]  # every one-pass op ends with `compute_grad`
         if isinstance(flags, (list, tuple)):
             ctx.grad_flags = [bool(f) for f in flags]
@@ -79,6 +85,8 @@ def _one_pass_autograd(scale_grad_: Callable[..., None]):
             ctx.save_for_backward(output[1])
 
     def backward(ctx, grad_loss, *_grads_of_grads):
+        if grad_loss is None:  # only a gradient output was used: nothing flows to the student
+            return (None if ctx.grad_flags is None else [None] * len(ctx.grad_flags), *ctx.no_grads)
         if not ctx.has_grad:
             raise RuntimeError(
                 "fastkd: this loss was computed with compute_grad=False, so it has no gradient; "
