@@ -371,7 +371,10 @@ class _RecordOps(TorchDispatchMode):
         self.calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls.append((str(func.overloadpacket), args))
+        name = str(func.overloadpacket)
+        # Only the forward op's arguments are kept: holding a gradient would make autograd copy
+        # it instead of handing it to .grad.
+        self.calls.append((name, args if "feature_regression_fwd" in name else None))
         return func(*args, **(kwargs or {}))
 
 
@@ -398,6 +401,28 @@ def test_no_gradient_when_not_needed(backend):
     op = torch.ops.fastkd.feature_regression_fwd
     _, grads = op([s], [t], [1.0], 2, False, True, [False])
     assert grads[0].numel() == 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_backward_only_scales(backend):
+    # The backward is the grouped scale of the saved gradients and nothing else: no zero-filled
+    # gradient for the op's unused outputs, no copy, no multiply when grad_output is 1.
+    if backend not in CPU_BACKENDS:
+        pytest.skip("Triton does not run here")
+    students, teachers = _pairs([(2, 3, 4, 4), (2, 9)])
+    for factor in (1.0, 2.0):
+        loss = fastkd.feature_regression_loss(students, teachers, p=1, normalize=True,
+                                              backend=backend)
+        with _RecordOps() as rec:
+            (loss * factor).backward()
+        names = [name for name, _ in rec.calls]
+        assert [n for n in names if "scale_grads" in n] == [
+            "fastkd.scale_grads_" if backend == "cpu" else "fastkd.scale_grads_triton_"
+        ]
+        assert not any(n.startswith(("aten.zeros", "aten.fill", "aten.copy", "aten.clone"))
+                       for n in names), names
+        for s in students:
+            s.grad = None
 
 
 def test_mixed_requires_grad_backward():
