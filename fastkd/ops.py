@@ -9,7 +9,10 @@ the inputs. Their backward scales that saved gradient in place by ``grad_output`
 ``scale_grad_``, which returns at once (reading the scalar on the device, no host sync) when
 ``grad_output`` is exactly 1 -- the common ``loss.backward()``. Because the saved gradient is
 consumed in place, a second backward through the same graph (``retain_graph=True``) is refused by
-autograd's saved-tensor version check instead of returning a wrongly scaled gradient.
+autograd's saved-tensor version check instead of returning a wrongly scaled gradient. When the
+backward is traced (``torch.compile``, AOT autograd) it is the plain product ``grad * grad_output``
+instead, which the compiler fuses into the gradient's consumer: AOT autograd cannot partition an
+in-place update of a tensor the forward returned (and ``opcheck`` returns every output).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from . import _C  # noqa: F401  (op schemas and C++ kernels)
 from .backends import triton_status
@@ -96,6 +100,15 @@ def _one_pass_autograd(scale_grad_: Callable[..., None]):
         if grad_loss.dtype not in (torch.float32, torch.float64):
             grad_loss = grad_loss.float()
         grad_loss = grad_loss.contiguous()
+        if torch.compiler.is_compiling() or isinstance(saved[0], FunctionalTensor):
+            # Traced (torch.compile, AOT autograd): the plain product, which the compiler fuses
+            # into whatever consumes the gradient. An in-place update of a tensor the forward
+            # returned cannot be partitioned by AOT autograd.
+            scaled = [_scaled(g, grad_loss) for g in saved]
+            if ctx.grad_flags is None:
+                return (scaled[0], *ctx.no_grads)
+            it = iter(scaled)
+            return ([next(it) if f else None for f in ctx.grad_flags], *ctx.no_grads)
         if ctx.grad_flags is None:
             scale_grad_(saved[0], grad_loss)
             return (saved[0], *ctx.no_grads)
@@ -104,6 +117,13 @@ def _one_pass_autograd(scale_grad_: Callable[..., None]):
         return ([next(it) if f else None for f in ctx.grad_flags], *ctx.no_grads)
 
     return setup_context, backward
+
+
+def _scaled(grad: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+    """grad * grad_output out of place: a scalar, or one value per row (last dim = row)."""
+    if grad_output.dim() != 0:
+        grad_output = grad_output.reshape(*grad.shape[:-1], 1)
+    return (grad * grad_output).to(grad.dtype)
 
 
 def _register_one_pass(fwd: str, fake: Callable, scale_grad_: Callable) -> None:
