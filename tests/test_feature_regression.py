@@ -458,18 +458,13 @@ def _op_samples(dtype=torch.float32):
     return samples
 
 
-# opcheck's aot_dispatch test returns every output of the op, the gradients included, from the
-# traced function; the backward scales those same tensors in place, which AOT autograd cannot
-# partition ("Node ... was invalid, but is output"). fastkd::kd_loss_fwd shares the design and the
-# failure. The real call path -- the gradients stay inside the functional, only the loss leaves --
-# is compiled end to end, forward and backward, by test_compile_parity.
-ONE_PASS_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+# The Triton interpreter runs on host memory: opcheck's aot_dispatch test needs device pointers.
+INTERPRETER_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 def test_opcheck_cpu():
     for args in _op_samples():
-        torch.library.opcheck(torch.ops.fastkd.feature_regression_fwd, args,
-                              test_utils=ONE_PASS_UTILS)
+        torch.library.opcheck(torch.ops.fastkd.feature_regression_fwd, args)
     g = [torch.randn(2, 3), torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)]
     for go in (torch.tensor(2.0), torch.tensor(1.0), torch.tensor(0.5, dtype=torch.float64)):
         torch.library.opcheck(torch.ops.fastkd.scale_grads_, (g, go))
@@ -477,13 +472,12 @@ def test_opcheck_cpu():
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="Triton does not run here")
 def test_opcheck_triton_interpreter():
-    # The interpreter runs on host memory: opcheck's aot_dispatch tests need device pointers.
     for args in _op_samples():
         torch.library.opcheck(torch.ops.fastkd.feature_regression_fwd_triton, args,
-                              test_utils=ONE_PASS_UTILS)
+                              test_utils=INTERPRETER_UTILS)
     g = [torch.randn(2, 3), torch.randn(5000)]
     torch.library.opcheck(torch.ops.fastkd.scale_grads_triton_, (g, torch.tensor(2.0)),
-                          test_utils=ONE_PASS_UTILS)
+                          test_utils=INTERPRETER_UTILS)
 
 
 def test_scale_grads_ops():
@@ -806,10 +800,8 @@ def test_gpu_opcheck():
             if isinstance(a, list) and a and isinstance(a[0], torch.Tensor) else a
             for a in args
         )
-        torch.library.opcheck(torch.ops.fastkd.feature_regression_fwd, cuda_args,
-                              test_utils=ONE_PASS_UTILS)
-        torch.library.opcheck(torch.ops.fastkd.feature_regression_fwd_triton, cuda_args,
-                              test_utils=ONE_PASS_UTILS)
+        torch.library.opcheck(torch.ops.fastkd.feature_regression_fwd, cuda_args)
+        torch.library.opcheck(torch.ops.fastkd.feature_regression_fwd_triton, cuda_args)
     g = [torch.randn(2, 3, device="cuda"), torch.randn(9000, device="cuda").half()]
     for op in (torch.ops.fastkd.scale_grads_, torch.ops.fastkd.scale_grads_triton_):
         torch.library.opcheck(op, (g, torch.tensor(2.0, device="cuda")))
