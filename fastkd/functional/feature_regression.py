@@ -43,6 +43,7 @@ from .._inputs import (
     same_layout,
     sample_blocked,
 )
+from ..ops import OnePassGroupLoss
 
 REDUCTIONS = ("mean", "sum")
 # Pairs one compiled launch takes (csrc/feature_regression.h: kMaxRegressionPairs).
@@ -90,16 +91,19 @@ def feature_regression_loss(
             students, teachers, p=p, normalize=normalize, weights=weights, reduction=reduction
         )
 
-    op = (
-        torch.ops.fastkd.feature_regression_fwd_triton
-        if chosen == "triton"
-        else torch.ops.fastkd.feature_regression_fwd
-    )
+    if chosen == "triton":
+        fwd = torch.ops.fastkd.feature_regression_fwd_triton
+        scale = torch.ops.fastkd.scale_grads_triton_
+    else:
+        fwd, scale = torch.ops.fastkd.feature_regression_fwd, torch.ops.fastkd.scale_grads_
     grad_enabled = torch.is_grad_enabled()
     # One launch per (student dtype, teacher dtype) group of up to MAX_KERNEL_PAIRS pairs; a
     # usual call (all stages in one dtype, at most 8 of them) is a single launch.
     groups: dict[tuple[torch.dtype, torch.dtype], list[tuple]] = {}
     for s, t, w in zip(students, teachers, weights, strict=True):
+        # Detached: the teacher is never differentiated, and a teacher that requires grad must not
+        # make the loss of a frozen student differentiable.
+        t = t.detach()
         if not sample_blocked(s):
             s = s.contiguous()
         if not (sample_blocked(t) and same_layout(s, t)):
@@ -110,15 +114,13 @@ def feature_regression_loss(
     for pairs in groups.values():
         for start in range(0, len(pairs), MAX_KERNEL_PAIRS):
             chunk = pairs[start : start + MAX_KERNEL_PAIRS]
-            loss, _ = op(
-                [c[0] for c in chunk],
-                [c[1] for c in chunk],
-                [c[2] for c in chunk],
-                p,
-                normalize,
-                reduction == "mean",
-                [c[3] for c in chunk],
-            )
+            group = [c[0] for c in chunk]
+            args = ([c[1] for c in chunk], [c[2] for c in chunk], p, normalize, reduction == "mean")
+            flags = [c[3] for c in chunk]
+            if any(flags):
+                loss = OnePassGroupLoss.apply(fwd, scale, args, flags, *group)
+            else:
+                loss, _ = fwd(group, *args, flags)
             total = loss if total is None else total + loss
     return total
 
