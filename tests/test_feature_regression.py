@@ -712,7 +712,15 @@ def test_bad_op_input():
 # ---------------------------------------------------------------------------------------------
 # GPU: CUDA C++ and Triton on CUDA tensors.
 
-GPU_BACKENDS = ("cuda", "triton")
+GPU_BACKENDS = (
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            CUDA and not fastkd._C.with_cuda, reason="fastkd._C was built without CUDA kernels"
+        ),
+    ),
+    "triton",
+)
 
 
 def _to_cuda(students, teachers):
@@ -815,6 +823,7 @@ def test_gpu_cuda_graph_capture(backend):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.skipif(CUDA and not fastkd._C.with_cuda, reason="fastkd._C was built without CUDA")
 def test_gpu_opcheck():
     for args in _op_samples():
         cuda_args = tuple(

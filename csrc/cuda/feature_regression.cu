@@ -44,6 +44,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/memory.cuh"
 #include "feature_regression_op.h"
 
 namespace fastkd {
@@ -75,46 +76,35 @@ struct LaunchArgs {
   float* loss;             // scalar
 };
 
-template <typename T>
-struct alignas(16) Pack16 {
-  T v[16 / sizeof(T)];
-};
-
 __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
 }
 
 template <typename T>
 __device__ __forceinline__ void load8(const T* p, float (&out)[kVec]) {
-  constexpr int kPer = 16 / sizeof(T);
-#pragma unroll
-  for (int j = 0; j < kVec / kPer; ++j) {
-    const Pack16<T> pk = reinterpret_cast<const Pack16<T>*>(p)[j];
-#pragma unroll
-    for (int e = 0; e < kPer; ++e) out[j * kPer + e] = static_cast<float>(pk.v[e]);
-  }
+  cuda::load_as<kVec>(p, out);
 }
 
 // float16 saturates at +-65504 (an all-zero sample's gradient under normalisation is about
 // c / eps); NaN stays NaN.
 template <typename T>
-__device__ __forceinline__ T to_out(float x) {
+__device__ __forceinline__ float saturate(float x) {
   if constexpr (std::is_same_v<T, c10::Half>) {
     x = x > 65504.f ? 65504.f : (x < -65504.f ? -65504.f : x);
   }
-  return static_cast<T>(x);
+  return x;
 }
 
 template <typename T>
-__device__ __forceinline__ void store8(T* p, const float (&in)[kVec]) {
-  constexpr int kPer = 16 / sizeof(T);
+__device__ __forceinline__ T to_out(float x) {
+  return static_cast<T>(saturate<T>(x));
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* p, float (&in)[kVec]) {
 #pragma unroll
-  for (int j = 0; j < kVec / kPer; ++j) {
-    Pack16<T> pk;
-#pragma unroll
-    for (int e = 0; e < kPer; ++e) pk.v[e] = to_out<T>(in[j * kPer + e]);
-    reinterpret_cast<Pack16<T>*>(p)[j] = pk;
-  }
+  for (int e = 0; e < kVec; ++e) in[e] = saturate<T>(in[e]);
+  cuda::store_as<kVec>(p, in);
 }
 
 template <int P>

@@ -18,25 +18,20 @@
 #include <vector>
 
 #include "checks.h"
+#include "cuda/memory.cuh"
 
 namespace fastkd {
 namespace {
 
 constexpr int kMaxTensors = 8;
 constexpr int kThreads = 256;
-constexpr int kVec = 8;
-constexpr int64_t kItem = int64_t{kThreads} * kVec * 2;  // elements per block
+constexpr int64_t kItem = 4096;  // elements per block: 1 to 4 16-byte accesses per thread
 
 struct ScaleArgs {
   void* grads[kMaxTensors];
   int64_t numel[kMaxTensors];
   int64_t first_block[kMaxTensors];
   int num;
-};
-
-template <typename T>
-struct alignas(16) Pack16 {
-  T v[16 / sizeof(T)];
 };
 
 template <typename T, typename G>
@@ -53,14 +48,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t rest = args.numel[k] - begin;
   const int64_t n = rest < kItem ? rest : kItem;
   T* g = static_cast<T*>(args.grads[k]) + begin;
-  constexpr int kPer = 16 / sizeof(T);
+  constexpr int kPer = 16 / sizeof(T);  // one 16-byte access
   if (n == kItem && (reinterpret_cast<uintptr_t>(g) & 15) == 0) {
-    Pack16<T>* p = reinterpret_cast<Pack16<T>*>(g);
     for (int64_t q = threadIdx.x; q < kItem / kPer; q += kThreads) {
-      Pack16<T> pk = p[q];
+      acc_t v[kPer];
+      cuda::load_as<kPer>(g + q * kPer, v);
 #pragma unroll
-      for (int e = 0; e < kPer; ++e) pk.v[e] = static_cast<T>(static_cast<acc_t>(pk.v[e]) * f);
-      p[q] = pk;
+      for (int e = 0; e < kPer; ++e) v[e] *= f;
+      cuda::store_as<kPer>(g + q * kPer, v);
     }
   } else {
     for (int64_t i = threadIdx.x; i < n; i += kThreads) {
