@@ -486,7 +486,15 @@ def test_op_rejects_bad_arguments():
 # ---------------------------------------------------------------------------------------------
 # GPU: the CUDA and Triton backends on CUDA tensors (skipped without a GPU).
 
-GPU_FUSED = ("cuda", "triton")
+GPU_FUSED = (
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            CUDA and not fastkd._C.with_cuda, reason="fastkd._C was built without CUDA kernels"
+        ),
+    ),
+    "triton",
+)
 
 
 @pytest.mark.cuda

@@ -369,11 +369,14 @@ void launch_student(at::ScalarType teacher, int p, bool normalize, const LaunchA
 std::tuple<at::Tensor, std::vector<at::Tensor>> feature_regression_fwd_cuda(
     at::TensorList students, at::TensorList teachers, at::ArrayRef<double> weights, int64_t p,
     bool normalize, bool mean, const c10::List<bool>& compute_grad) {
-  TORCH_CHECK(!students.empty(), "fastkd: feature_regression needs at least one pair");
-  const c10::cuda::CUDAGuard guard(students[0].device());
   std::vector<at::Tensor> grads;
+  // The checks first: they name a tensor on another device, which a guard built from students[0]
+  // would only report as a non-CUDA guard. The allocations here take the device from the inputs.
   const RegressionCall call = prepare_feature_regression(students, teachers, weights, p, normalize,
                                                          mean, compute_grad, grads);
+  TORCH_CHECK(students[0].is_cuda(), "fastkd: feature_regression_fwd (CUDA) got features on ",
+              students[0].device());
+  const c10::cuda::CUDAGuard guard(students[0].device());
   const int n = static_cast<int>(call.pairs.size());
   TORCH_CHECK(n <= kMaxRegressionPairs, "fastkd: the CUDA kernel takes at most ",
               kMaxRegressionPairs, " pairs per call, got ", n);
