@@ -378,7 +378,7 @@ class _Run:
             generator=torch.Generator().manual_seed(cfg.seed), collate_fn=collate,
         )
         self.val_loader = DataLoader(
-            self.data.val, batch_size=per_rank,
+            self.data.val, batch_size=max(per_rank, 256),
             sampler=ShardSampler(len(self.data.val), self.d.world_size, self.d.rank),
             num_workers=cfg.workers, pin_memory=pin, collate_fn=collate,
         )
@@ -761,7 +761,9 @@ class _Run:
         for k in keys:
             if k.startswith("part_"):
                 row["train_" + k[len("part_"):]] = s[k] / rows
-        row.update(self._evaluate(phase))
+        last_of_phase = local_epoch + 1 == phase.epochs
+        if (local_epoch + 1) % self.cfg.eval_every == 0 or last_of_phase:
+            row.update(self._evaluate(phase))
         return row
 
     def _epoch_line(self, row: dict[str, Any], total_epochs: int) -> str:
@@ -784,6 +786,7 @@ class _Run:
         if self.d.is_main:
             student_path = self.output / STUDENT
             ckpt.atomic_save(self.student.weights(), student_path)
+        if self.d.is_main and self.cfg.plot:
             plot_history(history, self.output / "plot.png",
                          f"{self.cfg.method}: {self.cfg.student}, seed {self.cfg.seed}")
         self.metrics.close()
