@@ -458,6 +458,9 @@ def resolve(cfg: Config, *, world_size: int = 1) -> Config:
     else:
         cfg.teacher = cfg.teacher or BUILTIN_TEACHER
         cfg.student = cfg.student or BUILTIN_STUDENT
+    for path in cfg.teacher_weights:
+        if not Path(path).is_file():
+            raise ConfigError(f"--teacher-weights: no such file: {path}")
     if not 0.0 < cfg.train_fraction <= 1.0:
         raise ConfigError(f"--train-fraction must be in (0, 1], got {cfg.train_fraction}")
 

@@ -339,6 +339,7 @@ class _Run:
             check_model_name(cfg.teacher, embedded, "teacher")
         self.resume_path = self._check_output()
         self.data = load_data(cfg)
+        methods.check(cfg, self.data.num_classes)
         per_rank = cfg.batch_size // self.d.world_size
         if len(self.data.train) // self.d.world_size < per_rank:
             raise ConfigError(
@@ -613,7 +614,6 @@ class _Run:
         images = epoch_images = 0
         step = start
         prof = self.profiler
-        lr = self.base_lr
         prof.start()
         for x, y in self._batches(start):
             x = _to_device(x, self.device, self.channels_last)
@@ -688,6 +688,9 @@ class _Run:
         self.train_images += images * self.d.world_size
         train_time = time.perf_counter() - epoch_t0
         self._check(sums, epoch, step)
+        # The rate of the epoch's last step (also when a resumed epoch had no step left to run).
+        lr = lr_at(cfg, self.base_lr, phase.epochs, self.steps_per_epoch,
+                   (local_epoch + 1) * self.steps_per_epoch - 1)
         row = self._epoch_row(epoch, local_epoch, phase, sums, lr)
         row["epoch_time_s"] = time.perf_counter() - epoch_t0
         row["images_per_s"] = epoch_images * self.d.world_size / max(train_time, 1e-9)

@@ -169,13 +169,17 @@ def _kd(ctx: Context) -> Plan:
                 {"student": ctx.student})
 
 
+def check(cfg: Config, num_classes: int) -> None:
+    """Method settings that depend on the data; raised before any model is built."""
+    if cfg.method == "topk" and cfg.topk >= num_classes:
+        raise ConfigError(
+            f"--topk {cfg.topk} keeps every one of the {num_classes} classes (plain kd); "
+            f"use k < {num_classes}"
+        )
+
+
 def _topk(ctx: Context) -> Plan:
     cfg, teacher = ctx.cfg, ctx.teachers[0]
-    if cfg.topk >= ctx.num_classes:
-        raise ConfigError(
-            f"--topk {cfg.topk} keeps every one of the {ctx.num_classes} classes (plain kd); "
-            f"use k < {ctx.num_classes}"
-        )
 
     def teacher_fn(x):
         return TeacherOut([partial_teacher_logits(teacher(x)[1], cfg.topk, cfg.temperature)])
