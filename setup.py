@@ -2,8 +2,9 @@
 
 * C++ CPU kernels always. Each ``csrc/cpu/<loss>.cpp`` is compiled once per CPU capability
   (DEFAULT, and AVX2 / AVX512 on x86-64) from small generated wrapper files, the way ATen builds
-  its kernels, and the DEFAULT build picks the best one at run time with ``at::get_cpu_capability()``
-  (which honours ``ATEN_CPU_CAPABILITY``, so tests can force each variant).
+  its kernels, and the DEFAULT build picks the best one at run time with
+  ``at::get_cpu_capability()`` (which honours ``ATEN_CPU_CAPABILITY``, so tests can force each
+  variant).
 * CUDA kernels whenever torch is a CUDA build and ``nvcc`` is found -- also on a machine without a
   GPU, so every ``.cu`` file is compiled in CI. ``FASTKD_BUILD_CUDA=0|1|auto`` (default auto).
   ``FASTKD_CUDA_ARCHS`` (default ``80;90a``) lists the SASS targets; PTX of the newest plain arch is
@@ -93,7 +94,8 @@ def _nvidia_include_dirs() -> list[str]:
 
 
 def _cuda_arch_flags() -> list[str]:
-    archs = [a.strip() for a in os.environ.get("FASTKD_CUDA_ARCHS", "80;90a").split(";") if a.strip()]
+    spec = os.environ.get("FASTKD_CUDA_ARCHS", "80;90a")
+    archs = [a.strip() for a in spec.split(";") if a.strip()]
     flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     plain = [a for a in archs if a.isdigit()]
     if plain:

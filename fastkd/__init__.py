@@ -4,8 +4,11 @@
 guided KD and teacher cohorts -- in one pass over the logits, on C++ CPU, CUDA and Triton kernels.
 """
 
-from . import ops  # noqa: F401  (registers fake and autograd implementations)
-from . import nn, reference
+from . import (
+    nn,
+    ops,  # noqa: F401  (registers fake and autograd implementations)
+    reference,
+)
 from .functional import kd_loss
 
 __version__ = "0.1.0"

@@ -92,7 +92,7 @@ def check_same_device(ref: torch.Tensor, x: torch.Tensor, name: str, ref_name: s
 def _mergeable(sizes: Sequence[int], strides: Sequence[int]) -> bool:
     """Whether dims with these sizes/strides can be viewed as one dim without a copy."""
     expected = None
-    for size, stride in zip(reversed(sizes), reversed(strides)):
+    for size, stride in zip(reversed(sizes), reversed(strides), strict=True):
         if size == 1:
             continue
         if expected is not None and stride != expected:

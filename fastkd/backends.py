@@ -3,15 +3,14 @@
 
 Each loss describes, per backend, whether it can run the given inputs and if not, why. With
 ``backend="auto"`` (or the ``FASTKD_BACKEND`` environment variable, read when fastkd is imported)
-the first backend in the preference order that accepts the inputs runs: the order for CUDA tensors
-comes from the measured table ``fastkd/tuning/<loss>.json`` when one is committed for the GPU in use,
-otherwise CUDA C++ first. An explicit request that cannot be met raises an error listing every
-backend's reason.
+the first backend in the preference order that accepts the inputs runs: the order for CUDA
+tensors comes from the measured table ``fastkd/tuning/<loss>.json`` (per GPU, dtype and problem
+size) when one is committed for the GPU in use, otherwise CUDA C++ first. An explicit request that
+cannot be met raises an error listing every backend's reason.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -35,8 +34,7 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TUNING_DIR = Path(__file__).parent / "tuning"
 
 
-@functools.cache
-def extension_status() -> tuple[bool, bool, str]:
+def _load_extension() -> tuple[bool, bool, str]:
     """(C++ ops loaded, CUDA kernels built, reason when not)."""
     try:
         from . import _C
@@ -45,9 +43,8 @@ def extension_status() -> tuple[bool, bool, str]:
     return True, bool(_C.with_cuda), "the fastkd._C extension was built without CUDA"
 
 
-@functools.cache
-def triton_status() -> str | None:
-    """None when Triton kernels can run, else why not."""
+def _load_triton() -> str | None:
+    """None when the Triton kernels can run, else why not."""
     try:
         import triton  # noqa: F401
 
@@ -57,9 +54,19 @@ def triton_status() -> str | None:
     return None
 
 
+# Facts of this installation, fixed at import so that backend choice traces to constants under
+# torch.compile.
+EXTENSION_LOADED, EXTENSION_WITH_CUDA, EXTENSION_REASON = _load_extension()
+TRITON_REASON = _load_triton()
+
+
+def triton_status() -> str | None:
+    return TRITON_REASON
+
+
 def device_reason(backend: str, device: torch.device) -> str | None:
     """Why `backend` cannot run on `device`, or None. Loss-independent part of the checks."""
-    loaded, with_cuda, why_not = extension_status()
+    loaded, with_cuda, why_not = EXTENSION_LOADED, EXTENSION_WITH_CUDA, EXTENSION_REASON
     if backend == "torch":
         return None
     if backend == "cpu":
@@ -80,31 +87,61 @@ def device_reason(backend: str, device: torch.device) -> str | None:
             return None
         if device.type == "cpu" and TRITON_INTERPRET:
             return None
-        return f"tensors are on {device}; Triton runs on CUDA (or on the CPU under TRITON_INTERPRET=1)"
+        return (
+            f"tensors are on {device}; Triton runs on CUDA (or on the CPU under TRITON_INTERPRET=1)"
+        )
     raise AssertionError(backend)
 
 
-@functools.cache
-def _measured_order(loss: str, device_name: str) -> tuple[str, ...] | None:
-    """The backend order a committed tuning table gives for this GPU, if any."""
-    path = _TUNING_DIR / f"{loss}.json"
-    if not path.exists():
-        return None
-    table = json.loads(path.read_text())
+_GPU_DEFAULT = ("cuda", "triton", "torch")
+_TABLES: dict[str, dict] = {}
+
+
+def _table(loss: str) -> dict:
+    if loss not in _TABLES:
+        path = _TUNING_DIR / f"{loss}.json"
+        _TABLES[loss] = json.loads(path.read_text()) if path.exists() else {}
+    return _TABLES[loss]
+
+
+def measured_order(table: dict, device_name: str, dtype: str, size: int) -> tuple[str, ...]:
+    """The backend order a tuning table gives for (GPU, dtype, problem size), or ().
+
+    Table format (written by ``python -m fastkd tune``)::
+
+        {"loss": "kd_loss", "size": "classes",
+         "devices": [{"device": "NVIDIA H100 80GB HBM3",
+                      "rules": [{"dtype": "bfloat16", "max_size": 4096,
+                                 "order": ["triton", "cuda"]},
+                                {"dtype": "*", "max_size": null,
+                                 "order": ["cuda", "triton"]}]}]}
+
+    The first rule whose dtype matches (``"*"``: any) and whose ``max_size`` is at least ``size``
+    (``null``: unbounded) wins; ``size`` is the loss's own measure (classes for kd_loss).
+    """
     for entry in table.get("devices", []):
-        if entry.get("device") == device_name:
-            return tuple(entry["order"])
-    return None
+        if entry.get("device") != device_name:
+            continue
+        for rule in entry.get("rules", []):
+            if rule.get("dtype", "*") not in ("*", dtype):
+                continue
+            if rule.get("max_size") is None or size <= rule["max_size"]:
+                return tuple(rule["order"])
+    return ()
 
 
-def preference(loss: str, device: torch.device) -> tuple[str, ...]:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        measured = _measured_order(loss, name)
-        if measured is not None:
-            return measured + tuple(b for b in ("cuda", "triton", "torch") if b not in measured)
-        return ("cuda", "triton", "torch")
-    return ("cpu", "torch")
+@torch.compiler.assume_constant_result
+def preference(
+    loss: str, device: torch.device, dtype: torch.dtype | None = None, size: int = 0
+) -> tuple[str, ...]:
+    """Backends to try, in order, for `loss` on `device` with inputs of `dtype` and problem size
+    `size` (a constant under torch.compile)."""
+    if device.type != "cuda":
+        return ("cpu", "torch")
+    name = torch.cuda.get_device_name(device)
+    dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else "*"
+    order = measured_order(_table(loss), name, dtype_name, int(size))
+    return order + tuple(b for b in _GPU_DEFAULT if b not in order)
 
 
 def choose(
@@ -112,14 +149,19 @@ def choose(
     requested: str,
     device: torch.device,
     input_reasons: Mapping[str, Callable[[], str | None]] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    size: int = 0,
 ) -> str:
     """Picks the backend for one call.
 
     `input_reasons` maps a backend to a function returning why it cannot run these particular
-    inputs (beyond the device), or None.
+    inputs (beyond the device), or None. `dtype` and `size` select the measured winner from the
+    tuning table (see `measured_order`).
     """
     if requested not in CHOICES:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, CHOICES))}, got {requested!r}")
+        choices = ", ".join(map(repr, CHOICES))
+        raise ValueError(f"backend must be one of {choices}, got {requested!r}")
     if requested == "auto":
         requested = _ENV_BACKEND
 
@@ -133,7 +175,7 @@ def choose(
         if reason(requested) is None:
             return requested
     else:
-        for backend in preference(loss, device):
+        for backend in preference(loss, device, dtype, size):
             if reason(backend) is None:
                 return backend
     lines = "; ".join(f"{b}: {reason(b) or 'available'}" for b in BACKENDS)

@@ -40,14 +40,17 @@ def _scale_grad_fake(grad, grad_output):
     return None
 
 
+def _is_tensor_list(x: object) -> bool:
+    return isinstance(x, list) and len(x) > 0 and isinstance(x[0], torch.Tensor)
+
+
 def _one_pass_autograd(scale_grad_: Callable[[torch.Tensor, torch.Tensor], None]):
     """setup_context/backward for an op returning (loss, grad) whose first input is the student."""
 
     def setup_context(ctx, inputs, output):
         # autograd wants one entry per input, and a list of them for a Tensor[] input.
         ctx.no_grads = tuple(
-            [None] * len(x) if isinstance(x, list) and x and isinstance(x[0], torch.Tensor) else None
-            for x in inputs[1:]
+            [None] * len(x) if _is_tensor_list(x) else None for x in inputs[1:]
         )
         ctx.has_grad = bool(inputs[-1])  # every one-pass op ends with `compute_grad`
         ctx.save_for_backward(output[1])

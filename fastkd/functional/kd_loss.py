@@ -200,6 +200,8 @@ def _choose_backend(student: torch.Tensor, teachers: list[torch.Tensor], request
         requested,
         student.device,
         {"cpu": too_many, "cuda": gpu_reason, "triton": gpu_reason},
+        dtype=student.dtype,
+        size=student.shape[-1],
     )
 
 

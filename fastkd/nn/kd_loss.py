@@ -40,7 +40,8 @@ class KDLoss(torch.nn.Module):
         self.label_smoothing = check_real(label_smoothing, "label_smoothing", low=0.0, high=1.0)
         if label_smoothing != 0 and alpha is None:
             raise ValueError(
-                "label_smoothing applies to the cross-entropy term, which needs alpha (got alpha=None)"
+                "label_smoothing applies to the cross-entropy term, which needs alpha "
+                "(got alpha=None)"
             )
         if not isinstance(guided, bool):
             raise TypeError(f"guided must be a bool, got {type(guided).__name__}")

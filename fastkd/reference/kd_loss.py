@@ -27,7 +27,9 @@ def kd_loss_ref(
 ) -> torch.Tensor:
     """Same arguments and result as :func:`fastkd.kd_loss` (computed in float32, or float64 for
     float64 inputs); differentiable through autograd."""
-    teachers = [teacher_logits] if isinstance(teacher_logits, torch.Tensor) else list(teacher_logits)
+    if isinstance(teacher_logits, torch.Tensor):
+        teacher_logits = [teacher_logits]
+    teachers = list(teacher_logits)
     weights = [1.0] * len(teachers) if teacher_weights is None else list(teacher_weights)
     acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     classes = student_logits.shape[-1]
@@ -36,7 +38,10 @@ def kd_loss_ref(
     rows = s.shape[0]
     T = float(temperature)
     y = None if labels is None else labels.reshape(-1).long()
-    counted = torch.ones(rows, dtype=torch.bool, device=s.device) if y is None else y != ignore_index
+    if y is None:
+        counted = torch.ones(rows, dtype=torch.bool, device=s.device)
+    else:
+        counted = y != ignore_index
 
     def reduce(per_row: torch.Tensor, kept: torch.Tensor, per_class: bool) -> torch.Tensor:
         if reduction == "sum":
@@ -50,7 +55,7 @@ def kd_loss_ref(
     kd_weight = 1.0 if alpha is None else float(alpha)
     per_row = torch.zeros(rows, dtype=acc, device=s.device)
     total = torch.zeros((), dtype=acc, device=s.device)
-    for t, w in zip(teachers, weights):
+    for t, w in zip(teachers, weights, strict=True):
         t = t.detach().reshape(-1, classes).to(acc)
         log_p = F.log_softmax(t / T, dim=-1)
         p = log_p.exp()

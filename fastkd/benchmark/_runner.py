@@ -1,0 +1,265 @@
+"""Runs the selected cases of each loss and records one measurement per (case, mode, impl)."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ._core import TIMED_MODES, Case, Impl, Inputs, LossBench, Selection, Skip
+from ._timing import (
+    Rotation,
+    cache_bytes,
+    copy_bandwidth,
+    peak_cuda_bytes,
+    rotation_copies,
+    time_cpu,
+    time_cuda,
+)
+
+# Relative difference from the float32 reference above which a value is flagged: reduced-precision
+# eager code (log_softmax and kl_div in bf16) is legitimately off by a few per cent.
+VALUE_TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 5e-2}
+
+
+@dataclass
+class Settings:
+    rep_ms: float  # CUDA: do_bench's `rep`; CPU: time budget of one measurement
+    warmup_ms: float
+    copy_bytes: int  # size of the buffer copied for the roofline
+    budget_s: float | None = None  # wall-clock budget of the whole run; the rest is skipped
+
+    @staticmethod
+    def defaults(device: str, quick: bool) -> Settings:
+        if device == "cuda":
+            return Settings(20.0 if quick else 100.0, 5.0 if quick else 25.0, 512 << 20)
+        return Settings(
+            20.0 if quick else 400.0, 10.0 if quick else 100.0, 64 << 20 if quick else 256 << 20
+        )
+
+
+def input_sets(
+    bench: LossBench, case: Case, device: str, mode: str, seed: int = 0, cache: int | None = None
+) -> list[Inputs]:
+    """The case's inputs for `mode` and enough copies of them to exceed twice the cache."""
+    base = bench.make_inputs(case, device, mode == "fwdbwd", seed)
+    copies = rotation_copies(base.nbytes, cache_bytes(device) if cache is None else cache)
+    return [base] + [base.clone() for _ in range(copies - 1)]
+
+
+class Runner:
+    """Times every case and calls `on_record` after each case (to save partial results)."""
+
+    def __init__(
+        self,
+        sel: Selection,
+        settings: Settings,
+        run_index: int = 0,
+        on_record: Callable[[], None] | None = None,
+        log: Callable[[str], None] | None = None,
+    ):
+        self.sel = sel
+        self.settings = settings
+        self.run_index = run_index
+        self.on_record = on_record or (lambda: None)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.measurements: list[dict] = []
+        self.skipped: list[dict] = []
+        self.copy: dict | None = None
+        self.started = time.monotonic()
+        self.cache = cache_bytes(sel.device)
+
+    def measure_copy_bandwidth(self) -> dict:
+        self.copy = copy_bandwidth(
+            self.sel.device, self.settings.copy_bytes, max(self.settings.rep_ms, 50.0)
+        )
+        return self.copy
+
+    def out_of_time(self) -> bool:
+        budget = self.settings.budget_s
+        return budget is not None and time.monotonic() - self.started > budget
+
+    def run(self, benches: list[LossBench]) -> None:
+        if self.copy is None:
+            self.measure_copy_bandwidth()
+        for bench in benches:
+            for case in bench.cases(self.sel):
+                self.run_case(bench, case)
+                self.on_record()
+
+    def _skip(self, case: Case, mode: str, impl: str, reason: str) -> None:
+        self.skipped.append(
+            {"case": case.key, "mode": mode, "impl": impl, "reason": reason, "run": self.run_index}
+        )
+
+    def run_case(self, bench: LossBench, case: Case) -> None:
+        impls = bench.impls(case, self.sel)
+        runnable = [i for i in impls if isinstance(i, Impl)]
+        modes = [m for m in TIMED_MODES if m in self.sel.modes or "bwd" in self.sel.modes]
+        for impl in impls:
+            if isinstance(impl, Skip):
+                for mode in modes:
+                    self._skip(case, mode, impl.name, impl.reason)
+        timed: dict[tuple[str, str], dict] = {}
+        checked, expected = False, None
+        for mode in modes:
+            if self.out_of_time():
+                for impl in runnable:
+                    self._skip(case, mode, impl.name, "the run's time budget was spent")
+                continue
+            self.log(f"{case.key} {mode}")
+            sets = None
+            try:
+                sets = self._input_sets(bench, case, mode)
+            except Exception as e:
+                for impl in runnable:
+                    self._skip(case, mode, impl.name, f"inputs: {_reason(e)}")
+            if sets is None:
+                _free(collect=True)
+                continue
+            if not checked:
+                # Every mode's inputs hold the same values (same seed): one reference per case.
+                checked = True
+                failed = False
+                try:
+                    expected = bench.reference(case, sets[0])
+                except Exception as e:
+                    self.log(f"  reference failed ({_reason(e)}); values are not checked")
+                    failed = True
+                if failed:
+                    _free(collect=True)
+            for impl in runnable:
+                if self.out_of_time():
+                    self._skip(case, mode, impl.name, "the run's time budget was spent")
+                    continue
+                m = None
+                try:
+                    m = self._measure(bench, case, mode, impl, sets, expected)
+                except Exception as e:
+                    self._skip(case, mode, impl.name, _reason(e))
+                    self.log(f"  {impl.name}: skipped ({_reason(e)})")
+                finally:
+                    for s in sets:
+                        for t in s.differentiable:
+                            t.grad = None
+                if m is None:
+                    # Outside the except block, where the exception no longer holds the failed
+                    # call's tensors.
+                    _free(collect=True)
+                    continue
+                timed[(mode, impl.name)] = m
+                self.measurements.append(m)
+            del sets
+            _free()
+        if "bwd" in self.sel.modes:
+            for impl in runnable:
+                fwd, both = timed.get(("fwd", impl.name)), timed.get(("fwdbwd", impl.name))
+                if fwd is not None and both is not None:
+                    self.measurements.append(self._derived_bwd(bench, case, impl, fwd, both))
+
+    def _input_sets(self, bench: LossBench, case: Case, mode: str) -> list[Inputs]:
+        return input_sets(bench, case, self.sel.device, mode, self.sel.seed, self.cache)
+
+    def _record(self, bench: LossBench, case: Case, mode: str, impl: Impl) -> dict:
+        return {
+            "loss": case.loss,
+            "case": case.key,
+            "shape": list(case.shape),
+            "dtype": case.dtype,
+            "variant": case.variant,
+            "mode": mode,
+            "impl": impl.name,
+            "backend": impl.backend,
+            "bytes": bench.min_bytes(case, mode),
+            "run": self.run_index,
+        }
+
+    def _measure(
+        self,
+        bench: LossBench,
+        case: Case,
+        mode: str,
+        impl: Impl,
+        sets: list[Inputs],
+        expected: float | None,
+    ) -> dict:
+        cuda = self.sel.device == "cuda"
+        backward = mode == "fwdbwd"
+        fn = impl.build()
+        rot = Rotation(fn, sets, backward)
+        with torch.set_grad_enabled(backward):
+            # The first call compiles what needs compiling and gives the value to check.
+            loss = fn(*sets[0].args)
+            if backward:
+                loss.backward()
+            value = float(loss.detach().float())
+            del loss
+            if cuda:
+                timing = time_cuda(rot, self.settings.rep_ms, self.settings.warmup_ms)
+                peak = peak_cuda_bytes(rot)
+            else:
+                timing = time_cpu(rot, self.settings.rep_ms, self.settings.warmup_ms)
+                peak = None
+        m = self._record(bench, case, mode, impl)
+        gbps = m["bytes"] / (timing.median_ms * 1e-3) / 1e9
+        rel = None if expected is None else abs(value - expected) / max(abs(expected), 1e-12)
+        m.update(
+            median_ms=timing.median_ms,
+            p20_ms=timing.p20_ms,
+            p80_ms=timing.p80_ms,
+            reps=timing.reps,
+            copies=len(sets),
+            gbps=gbps,
+            copy_fraction=gbps / self.copy["gbps"],
+            peak_mem_bytes=peak,
+            value=value,
+            rel_err=rel,
+            derived=False,
+        )
+        if rel is not None and not rel <= VALUE_TOLERANCE.get(case.dtype, 1e-3):
+            self.log(
+                f"  {impl.name}: value {value:.6g} differs from the reference "
+                f"{expected:.6g} by {rel:.2e}"
+            )
+        return m
+
+    def _derived_bwd(self, bench: LossBench, case: Case, impl: Impl, fwd: dict, both: dict) -> dict:
+        m = self._record(bench, case, "bwd", impl)
+        median = both["median_ms"] - fwd["median_ms"]
+        gbps = m["bytes"] / (median * 1e-3) / 1e9 if median > 0 else None
+        m.update(
+            median_ms=median,
+            p20_ms=None,
+            p80_ms=None,
+            reps=None,
+            copies=both["copies"],
+            gbps=gbps,
+            copy_fraction=None if gbps is None else gbps / self.copy["gbps"],
+            peak_mem_bytes=None,
+            value=None,
+            rel_err=None,
+            derived=True,
+        )
+        return m
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return "out of memory"
+    lines = str(e).strip().splitlines()
+    first = lines[0] if lines else ""
+    return f"{type(e).__name__}: {first}"[:400]
+
+
+def _free(collect: bool = False) -> None:
+    """Returns cached device memory between cases. `collect` also breaks reference cycles, which
+    a caught exception's traceback forms with the tensors of the failed call (a full collection
+    costs a noticeable fraction of a second, so only then)."""
+    if collect:
+        gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

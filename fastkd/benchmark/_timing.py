@@ -1,0 +1,157 @@
+"""Timers, input-buffer rotation, peak memory and the copy-bandwidth roofline.
+
+* CPU: median wall time (``time.perf_counter``) of single calls, repeated until a per-measurement
+  time budget is spent (at least ``MIN_REPS`` calls), after a warm-up.
+* CUDA: ``triton.testing.do_bench`` (CUDA events around each call, L2 flushed between calls,
+  median), and ``torch.cuda.max_memory_allocated`` for peak memory.
+* Both: the timed function cycles through enough copies of the inputs that together they exceed
+  twice the last-level cache (L2 on a GPU), so a call does not find its inputs in cache just
+  because the previous call read them.
+"""
+
+from __future__ import annotations
+
+import glob
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ._core import Inputs
+
+MIN_REPS = 5
+MAX_REPS = 100_000
+# Upper bound on copies per case: tiny inputs would otherwise need thousands of copies.
+MAX_COPIES = 4096
+_FALLBACK_CACHE = 32 << 20
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int | None  # None where the timer chooses the count itself (do_bench)
+
+
+def cache_bytes(device: str) -> int:
+    """The last-level cache the rotation must defeat: L2 on a GPU, the largest CPU cache level
+    (from sysfs; 32 MiB where it cannot be read)."""
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return int(getattr(props, "L2_cache_size", 0)) or _FALLBACK_CACHE
+    best = 0
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip().upper()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * scale)
+    return best or _FALLBACK_CACHE
+
+
+def rotation_copies(set_bytes: int, cache: int) -> int:
+    """How many copies of a `set_bytes` input set together exceed twice `cache`."""
+    if set_bytes <= 0:
+        return 1
+    return max(1, min(MAX_COPIES, 2 * cache // set_bytes + 1))
+
+
+class Rotation:
+    """Calls `fn` on the next input set each time; `clear()` drops the gradients the next call
+    would otherwise accumulate into (the timers call it outside the timed region)."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], sets: list[Inputs], backward: bool):
+        self.fn = fn
+        self.sets = sets
+        self.backward = backward
+        self.index = 0
+
+    def clear(self) -> None:
+        for t in self.sets[self.index].differentiable:
+            t.grad = None
+
+    def all_differentiable(self) -> list[torch.Tensor]:
+        return [t for s in self.sets for t in s.differentiable]
+
+    def __call__(self) -> None:
+        args = self.sets[self.index].args
+        self.index = self.index + 1 if self.index + 1 < len(self.sets) else 0
+        loss = self.fn(*args)
+        if self.backward:
+            loss.backward()
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def time_cpu(rot: Rotation, budget_ms: float, warmup_ms: float) -> Timing:
+    deadline = time.perf_counter() + warmup_ms / 1e3
+    calls = 0
+    while calls < 3 or time.perf_counter() < deadline:
+        rot.clear()
+        rot()
+        calls += 1
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_ms / 1e3
+    while len(times) < MAX_REPS and (len(times) < MIN_REPS or time.perf_counter() < deadline):
+        rot.clear()
+        start = time.perf_counter()
+        rot()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    ms = [t * 1e3 for t in times]
+    return Timing(statistics.median(ms), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms))
+
+
+def time_cuda(rot: Rotation, rep_ms: float, warmup_ms: float) -> Timing:
+    from triton.testing import do_bench
+
+    median, p20, p80 = do_bench(
+        rot,
+        warmup=warmup_ms,
+        rep=rep_ms,
+        grad_to_none=rot.all_differentiable() or None,
+        quantiles=[0.5, 0.2, 0.8],
+    )
+    return Timing(float(median), float(p20), float(p80), None)
+
+
+def peak_cuda_bytes(rot: Rotation) -> int:
+    """Memory one call allocates beyond what was allocated before it (its workspace, outputs and,
+    in fwdbwd, the gradient), from ``torch.cuda.max_memory_allocated``."""
+    rot.clear()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    rot()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated() - base)
+
+
+def copy_bandwidth(device: str, nbytes: int, budget_ms: float) -> dict:
+    """GB/s of copying a large buffer, counting bytes read plus bytes written: the roofline a
+    memory-bound loss is held to. The copy goes into a preallocated buffer: on the CPU a fresh
+    ``clone`` would also time the page faults of first-touching new memory."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        median = float(
+            do_bench(lambda: dst.copy_(src), warmup=25, rep=budget_ms, return_mode="median")
+        )
+    else:
+        rot = Rotation(lambda: dst.copy_(src), [Inputs(())], backward=False)
+        median = time_cpu(rot, budget_ms, warmup_ms=budget_ms / 4).median_ms
+    moved = 2 * nbytes
+    return {"bytes": moved, "median_ms": median, "gbps": moved / (median * 1e-3) / 1e9}

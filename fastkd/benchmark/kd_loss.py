@@ -1,0 +1,238 @@
+"""Benchmark cases of ``fastkd.kd_loss``.
+
+Variants (temperature 4 throughout):
+
+* ``plain``   -- ``T^2 KL(softmax(t/T) || softmax(s/T))``, batchmean.
+* ``ce``      -- ``0.9 * KD + 0.1 * CE(s, y)``: the usual mix with hard labels.
+* ``guided``  -- guided KD: only rows whose teacher argmax equals the label count, divided by their
+  number (labels agree with the teacher on about 70 % of rows).
+* ``cohort3`` -- KD summed over three teachers (a DIH-style cohort).
+
+Implementations: fastkd (backend ``auto``, plus each backend asked for), PyTorch eager written the
+way KD code usually is (``F.kl_div`` on two ``log_softmax`` with ``log_target=True``, times
+``T^2``, plus ``F.cross_entropy``), ``torch.compile`` of that same eager function, and
+Liger-Kernel's ``LigerKLDIVLoss`` applied to the log-softmaxed logits (CUDA only).
+
+Fewest bytes moved, for ``[rows, C]`` logits of element size ``e`` and ``k`` teachers::
+
+    fwd    = rows * C * e * (1 + k)  (+ 8 * rows for int64 labels when the variant uses them)
+    fwdbwd = fwd + rows * C * e      (the student's gradient, written once)
+    bwd    = rows * C * e
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import fastkd
+from fastkd.functional.kd_loss import _choose_backend
+
+from ._core import Case, Impl, Inputs, LossBench, Selection, Skip
+
+LABEL_BYTES = 8
+# Above this many logits per tensor the float32 reference check is skipped: its temporaries would
+# need several times the inputs' memory.
+MAX_CHECKED_NUMEL = 1 << 28
+# Share of rows whose label is the teacher's argmax (what guided KD keeps).
+TEACHER_RIGHT = 0.7
+
+
+@dataclass(frozen=True)
+class Variant:
+    description: str
+    temperature: float = 4.0
+    alpha: float | None = None
+    guided: bool = False
+    teachers: int = 1
+
+    @property
+    def labels(self) -> bool:
+        return self.alpha is not None or self.guided
+
+
+VARIANTS = {
+    "plain": Variant("KD alone, T=4"),
+    "ce": Variant("0.9 * KD + 0.1 * cross-entropy on labels, T=4", alpha=0.9),
+    "guided": Variant("guided KD: rows whose teacher is right count, T=4", guided=True),
+    "cohort3": Variant("KD summed over 3 teachers, T=4", teachers=3),
+}
+
+
+def eager_kd(variant: Variant):
+    """The KD loss as people write it in PyTorch, for one variant."""
+    T, alpha, guided = variant.temperature, variant.alpha, variant.guided
+
+    def kd_loss_eager(s: torch.Tensor, teachers: tuple, y: torch.Tensor | None) -> torch.Tensor:
+        log_q = F.log_softmax(s / T, dim=-1)
+        kd = None
+        for t in teachers:
+            log_p = F.log_softmax(t / T, dim=-1)
+            if guided:
+                per_row = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+                right = t.argmax(-1) == y
+                term = (per_row * right).sum() / right.sum().clamp_min(1) * (T * T)
+            else:
+                term = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (T * T)
+            kd = term if kd is None else kd + term
+        if alpha is None:
+            return kd
+        return alpha * kd + (1.0 - alpha) * F.cross_entropy(s, y)
+
+    return kd_loss_eager
+
+
+def liger_kd(variant: Variant):
+    """KD through ``LigerKLDIVLoss`` on log-softmaxed logits, CE in eager PyTorch."""
+    from liger_kernel.transformers import LigerKLDIVLoss
+
+    T, alpha = variant.temperature, variant.alpha
+    kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+
+    def kd_loss_liger(s: torch.Tensor, teachers: tuple, y: torch.Tensor | None) -> torch.Tensor:
+        log_q = F.log_softmax(s / T, dim=-1)
+        kd = None
+        for t in teachers:
+            term = kl(log_q, F.log_softmax(t / T, dim=-1)) * (T * T)
+            kd = term if kd is None else kd + term
+        if alpha is None:
+            return kd
+        return alpha * kd + (1.0 - alpha) * F.cross_entropy(s, y)
+
+    return kd_loss_liger
+
+
+def fastkd_kd(variant: Variant, backend: str):
+    def kd_loss_fastkd(s: torch.Tensor, teachers: tuple, y: torch.Tensor | None) -> torch.Tensor:
+        return fastkd.kd_loss(
+            s,
+            teachers[0] if len(teachers) == 1 else teachers,
+            y,
+            temperature=variant.temperature,
+            alpha=variant.alpha,
+            guided=variant.guided,
+            backend=backend,
+        )
+
+    return kd_loss_fastkd
+
+
+def compiled(fn, mode: str | None):
+    def build():
+        # A clean cache per (case, mode): the compiled graph is specialised to this case alone,
+        # and no earlier case counts towards dynamo's recompile limit.
+        torch._dynamo.reset()
+        return torch.compile(fn, mode=mode, dynamic=False)
+
+    return build
+
+
+class KDLossBench(LossBench):
+    name = "kd_loss"
+    variants = {name: v.description for name, v in VARIANTS.items()}
+    default_variants = ("plain", "ce")
+    shapes = ((256, 100), (1024, 1000), (4096, 1000), (512, 32000))
+    quick_shapes = ((64, 100), (256, 1000))
+
+    def make_inputs(self, case: Case, device: str, requires_grad: bool, seed: int) -> Inputs:
+        v = VARIANTS[case.variant]
+        g = torch.Generator(device=device).manual_seed(seed)
+        classes = case.shape[-1]
+
+        def logits() -> torch.Tensor:
+            x = torch.randn(case.shape, generator=g, device=device).mul_(2.0)
+            return x.to(case.torch_dtype)
+
+        student = logits().requires_grad_(requires_grad)
+        teachers = tuple(logits() for _ in range(v.teachers))
+        labels = None
+        if v.labels:
+            random = torch.randint(0, classes, case.shape[:-1], generator=g, device=device)
+            keep = torch.rand(case.shape[:-1], generator=g, device=device) < TEACHER_RIGHT
+            labels = torch.where(keep, teachers[0].argmax(-1), random)
+        return Inputs((student, teachers, labels), (student,) if requires_grad else ())
+
+    def impls(self, case: Case, sel: Selection) -> list[Impl | Skip]:
+        v = VARIANTS[case.variant]
+        out: list[Impl | Skip] = []
+        probe = torch.empty(0, dtype=case.torch_dtype, device=sel.device)
+        auto = None
+        for requested in ("auto", *[b for b in sel.backends if b != "auto"]):
+            name = "fastkd" if requested == "auto" else f"fastkd-{requested}"
+            try:
+                backend = _choose_backend(probe, [probe] * v.teachers, requested)
+            except ValueError as e:
+                out.append(Skip(name, str(e)))
+                continue
+            if requested == "auto":
+                auto = backend
+            elif backend == auto:
+                out.append(Skip(name, f"measured as fastkd: backend auto chose {backend}"))
+                continue
+            out.append(Impl(name, _const(fastkd_kd(v, backend)), backend))
+        eager = eager_kd(v)
+        for peer in sel.peers:
+            if peer == "eager":
+                out.append(Impl("eager", _const(eager)))
+            elif peer == "compile":
+                out.append(Impl("compile", compiled(eager, None)))
+            elif peer == "compile-max-autotune":
+                # Without CUDA graphs: their static input buffers would add a copy of every
+                # (rotated) input to each call, which is not the loss's cost.
+                out.append(Impl(peer, compiled(eager, "max-autotune-no-cudagraphs")))
+            elif peer == "liger":
+                out.append(self._liger(v, sel.device))
+            else:
+                raise ValueError(f"kd_loss: unknown peer {peer!r}")
+        return out
+
+    @staticmethod
+    def _liger(v: Variant, device: str) -> Impl | Skip:
+        if device != "cuda":
+            return Skip("liger", "Liger-Kernel runs on CUDA only")
+        if v.guided:
+            return Skip("liger", "LigerKLDIVLoss takes no row mask, so guided KD has no Liger form")
+        try:
+            fn = liger_kd(v)
+        except ImportError as e:
+            return Skip("liger", f"liger_kernel is not importable ({e})")
+        return Impl("liger", _const(fn))
+
+    def min_bytes(self, case: Case, mode: str) -> int:
+        v = VARIANTS[case.variant]
+        rows = math.prod(case.shape[:-1])
+        tensor = case.numel * torch.tensor([], dtype=case.torch_dtype).element_size()
+        if mode == "bwd":
+            return tensor
+        fwd = tensor * (1 + v.teachers) + (LABEL_BYTES * rows if v.labels else 0)
+        if mode == "fwd":
+            return fwd
+        if mode == "fwdbwd":
+            return fwd + tensor
+        raise ValueError(f"unknown mode {mode!r}")
+
+    def reference(self, case: Case, inputs: Inputs) -> float | None:
+        if case.numel > MAX_CHECKED_NUMEL:
+            return None
+        v = VARIANTS[case.variant]
+        s, teachers, labels = inputs.args
+        with torch.no_grad():
+            loss = fastkd.reference.kd_loss_ref(
+                s.detach(),
+                list(teachers),
+                labels,
+                temperature=v.temperature,
+                alpha=v.alpha,
+                guided=v.guided,
+            )
+        return float(loss)
+
+
+def _const(fn):
+    return lambda: fn
+
+
+BENCH = KDLossBench()
