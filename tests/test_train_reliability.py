@@ -10,8 +10,7 @@ import time
 import pytest
 import torch
 
-from fastkd.train import Config, Interrupted, NonFiniteLoss, train
-from fastkd.train import engine, methods
+from fastkd.train import Config, Interrupted, NonFiniteLoss, engine, methods, train
 
 RUNTIME_COLUMNS = {"epoch_time_s", "images_per_s"}
 

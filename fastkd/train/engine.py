@@ -277,9 +277,11 @@ def train(cfg: Config, *, log: Callable[[str], None] | None = None,
     if cfg.amp == "fp16" and device.type != "cuda":
         raise ConfigError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or off")
     d = distributed.init(device.type)
+    threads = torch.get_num_threads()
     try:
         return _Run(cfg, d, device, log, quiet).fit()
     finally:
+        torch.set_num_threads(threads)
         if own_group:
             distributed.shutdown(d)
 
@@ -407,7 +409,6 @@ class _Run:
     def _start_phase(self, index: int, saved: dict[str, Any] | None) -> None:
         cfg = self.cfg
         phase = self.plan.phases[index]
-        trainable = {id(m) for m in phase.trainable}
         for m in self.plan.modules.values():
             m.requires_grad_(False).eval()
         for m in phase.trainable:
@@ -423,7 +424,6 @@ class _Run:
                 self.scaler.load_state_dict(saved["scaler"])
         self.train_module = self._wrap(phase.module)
         self.phase_index = index
-        self.trainable_ids = trainable
 
     def _phase_of(self, epoch: int) -> tuple[int, int]:
         for i, phase in enumerate(self.plan.phases):
