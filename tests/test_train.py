@@ -133,3 +133,33 @@ def test_large_batch_recipe(tmp_path, cache_dir):
     rows = json.loads((out / "metrics.json").read_text())
     peak = 0.05 * 16 / 8
     assert [r["lr"] for r in rows[:2]] == pytest.approx([peak * 2 / 4, peak * 4 / 4])
+
+
+@pytest.mark.slow
+def test_compile(tmp_path, cache_dir):
+    """--compile: the teacher side and the trained module go through torch.compile."""
+    eager = train(tiny("kd", tmp_path / "eager", cache_dir, max_steps_per_epoch=1), quiet=True)
+    compiled = train(tiny("kd", tmp_path / "compiled", cache_dir, max_steps_per_epoch=1,
+                          compile=True), quiet=True)
+    assert compiled.history[0]["train_loss"] == pytest.approx(eager.history[0]["train_loss"],
+                                                             rel=1e-4)
+
+
+def test_demo_table_and_files(tmp_path, cache_dir, capsys):
+    out = tmp_path / "demo"
+    code = main([
+        "--demo", "--demo-methods", "scratch", "kd", "topk", "--demo-seeds", "0", "1",
+        "--epochs", "2", "--max-steps-per-epoch", "2", "--teacher-epochs", "1",
+        "--cache-dir", cache_dir, "--output", str(out),
+    ])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "val top1 % (mean +- std)" in text and "vs scratch" in text
+    assert "(baseline)" in text and "demo total" in text
+    summary = json.loads((out / "demo.json").read_text())["summary"]
+    assert [s["method"] for s in summary] == ["scratch", "kd", "topk"]
+    for s in summary:
+        assert len(s["top1"]) == 2 and s["top1_std"] >= 0
+    assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "demo.csv").read_text().startswith("method,top1_mean")
+    assert (out / "kd" / "seed1" / "metrics.json").exists()

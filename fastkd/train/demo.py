@@ -19,7 +19,7 @@ from typing import Any
 
 from . import distributed
 from .config import Config, ConfigError, resolve
-from .engine import RunResult, load_data, train
+from .engine import RunResult, load_data, resolve_device, train
 from .metrics import table
 from .models import build_model
 from .teacher import cached_teacher_paths
@@ -36,6 +36,7 @@ def run_demo(cfg: Config) -> list[dict[str, Any]]:
         raise ConfigError("--demo runs its jobs one after the other in one process; run it "
                           "without torchrun")
     base = resolve(cfg)
+    resolve_device(base)
     out = Path(base.output)
 
     def say(line: str) -> None:

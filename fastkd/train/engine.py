@@ -140,6 +140,16 @@ def _device(cfg: Config, d: distributed.Dist) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(cfg: Config) -> torch.device:
+    """This process's device; fills in ``--amp auto`` for it (in place)."""
+    device = _device(cfg, distributed.Dist(local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
+    if cfg.amp == "auto":
+        cfg.amp = "bf16" if device.type == "cuda" else "off"
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or off")
+    return device
+
+
 def _autocast(cfg: Config, device: torch.device):
     if cfg.amp == "off":
         return contextlib.nullcontext()
@@ -272,10 +282,7 @@ def train(cfg: Config, *, log: Callable[[str], None] | None = None,
     if cfg.method is None:
         raise ConfigError("train() needs a --method")
     own_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    d_probe = distributed.Dist(local_rank=int(os.environ.get("LOCAL_RANK", "0")))
-    device = _device(cfg, d_probe)
-    if cfg.amp == "fp16" and device.type != "cuda":
-        raise ConfigError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or off")
+    device = resolve_device(cfg)
     d = distributed.init(device.type)
     threads = torch.get_num_threads()
     try:
