@@ -112,10 +112,13 @@ BUILTIN_STUDENT = "digits-student"
 # The --demo preset: a small transfer set (10 % of the digits' training split, 126 images) leaves
 # the student short of data, which is where a teacher's soft targets help. The teacher is trained
 # on the whole training split (it stands for a model pretrained on more data than the student sees).
+# Scratch plateaus by epoch 15 and every method by epoch 25 (demo.png), so 30 epochs suffice;
+# validating every 5th epoch keeps the 540-image validation pass from dominating the run time.
 DEMO_PRESET: dict[str, Any] = {
     "train_fraction": 0.1,
-    "epochs": 40,
+    "epochs": 30,
     "batch_size": 32,
+    "eval_every": 5,
     "output": "runs/demo",
 }
 
