@@ -29,6 +29,7 @@ def scratch(output, **kw):
     (["--method", "kd", "--data", "/nonexistent/imagenet"], "no such directory"),
     (["--method", "kd", "--teacher-weights", __file__, __file__], "distils one teacher"),
     (["--demo", "--data", "."], "--demo runs on the embedded digits"),
+    (["--method", "nd", "--epochs", "4", "--nd-block-epochs", "4"], "must be fewer than --epochs"),
 ])
 def test_rejected_at_start(argv, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -81,8 +81,8 @@ def test_augmentation_does_not_depend_on_workers(image_root, tmp_path):
 @needs_feature_losses
 @pytest.mark.parametrize("method", ["cd", "nd"])
 def test_feature_methods_resnet(image_root, tmp_path, method):
-    train(run_cfg(image_root, tmp_path, method, "resnet34", "resnet18", nd_block_epochs=1),
-          quiet=True)
+    train(run_cfg(image_root, tmp_path, method, "resnet34", "resnet18", nd_block_epochs=1,
+                  epochs=2), quiet=True)
 
 
 def test_class_count_mismatch(image_root, tmp_path):

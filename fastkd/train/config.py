@@ -210,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_positive_int, help=(
-        "epochs of the student's training (after a method's own first phase for dih and nd); "
-        "default 30 on the embedded data, 100 with --data (the CD paper's ImageNet recipe)"))
+        "epochs of the student's training (for nd: block-wise phase + fine-tuning; dih's "
+        "head training comes before them); default 30 on the embedded data, 100 with --data "
+        "(the CD paper's ImageNet recipe)"))
     g.add_argument("--batch-size", type=_positive_int, help=(
         "global batch size, split evenly over the ranks (default 64 embedded, 256 with --data)"))
     g.add_argument("--lr", type=float, help=(
@@ -258,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data the count of --teacher-weights"))
     g.add_argument("--feed-beta", type=float, help="feed: weight of the normalised-L1 loss")
     g.add_argument("--nd-block-epochs", type=_positive_int, help=(
-        "nd: epochs training the student stages independently (default 50%% of --epochs), before "
-        "--epochs of end-to-end KD fine-tuning"))
+        "nd: of the --epochs, those training the student stages independently (default 50%%); "
+        "the rest fine-tune the stacked student end to end with KD"))
     g.add_argument("--topk", type=_positive_int, help="topk: teacher probabilities kept per row")
 
     g = p.add_argument_group("speed and scale")
@@ -536,6 +537,11 @@ def resolve_method(cfg: Config) -> None:
         cfg.dih_head_epochs = max(1, round(0.3 * cfg.epochs))
     if cfg.nd_block_epochs is None:
         cfg.nd_block_epochs = max(1, round(0.5 * cfg.epochs))
+    if cfg.method == "nd" and cfg.nd_block_epochs >= cfg.epochs:
+        raise ConfigError(
+            f"--nd-block-epochs {cfg.nd_block_epochs} must be fewer than --epochs {cfg.epochs}: "
+            "the remaining epochs fine-tune the stacked student"
+        )
     if cfg.method == "feed" and cfg.data is not None:
         cfg.feed_teachers = len(cfg.teacher_weights)
     if cfg.method != "feed" and cfg.method != "scratch" and len(cfg.teacher_weights) > 1:

@@ -28,7 +28,7 @@ Methods (PAPERS.md sections; defaults in ``fastkd.train.config``):
   3 x (conv3x3 + LeakyReLU(0.1)) transform per teacher on the student's last stage.
 * ``nd`` (section 5): phase 1 trains each student stage (and the head) to reproduce the teacher's,
   fed the teacher's activation, with MSE -- all blocks at once, no gradient between them; phase 2
-  fine-tunes the stacked student end to end with ``kd``.
+  fine-tunes the stacked student end to end with ``kd``. The two phases share ``--epochs``.
 """
 
 from __future__ import annotations
@@ -153,15 +153,15 @@ def _scratch(ctx: Context) -> Plan:
     return Plan([phase], {"student": ctx.student})
 
 
-def _kd_phase(ctx: Context, name: str, teacher_fn) -> Phase:
+def _kd_phase(ctx: Context, name: str, teacher_fn, epochs: int | None = None) -> Phase:
     cfg = ctx.cfg
 
     def loss(out, tout, y, epoch):
         return _kd_loss(cfg, out["logits"], tout.logits[0], y, temperature=cfg.temperature,
                         alpha=cfg.alpha), {}
 
-    return Phase(name, cfg.epochs, StudentForward(ctx.student), loss, _student_eval(ctx.student),
-                 teacher_fn, [ctx.student])
+    return Phase(name, cfg.epochs if epochs is None else epochs, StudentForward(ctx.student), loss,
+                 _student_eval(ctx.student), teacher_fn, [ctx.student])
 
 
 def _kd(ctx: Context) -> Plan:
@@ -394,7 +394,7 @@ def _nd(ctx: Context) -> Plan:
     phases = [
         Phase("blocks", cfg.nd_block_epochs, NDBlocksForward(ctx.student), blocks_loss,
               _student_eval(ctx.student), _teacher_all([teacher]), [ctx.student]),
-        _kd_phase(ctx, "student", _teacher_logits(teacher)),
+        _kd_phase(ctx, "student", _teacher_logits(teacher), cfg.epochs - cfg.nd_block_epochs),
     ]
     return Plan(phases, {"student": ctx.student})
 
