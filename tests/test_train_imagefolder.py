@@ -100,7 +100,7 @@ def test_weights_of_another_architecture(image_root, tmp_path):
 
 
 def test_nd_needs_matching_stages(image_root, tmp_path):
-    cfg = run_cfg(image_root, tmp_path, "nd", "resnet18", "resnet50")
+    cfg = run_cfg(image_root, tmp_path, "nd", "resnet18", "resnet50", epochs=2)
     with pytest.raises(ConfigError, match="stage shapes must match"):
         train(cfg, quiet=True)
 
