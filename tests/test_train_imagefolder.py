@@ -11,9 +11,11 @@ from PIL import Image
 import fastkd
 from fastkd.train import Config, ConfigError, train
 
+FEATURE_LOSSES = hasattr(fastkd, "channel_attention_loss") and hasattr(
+    fastkd, "feature_regression_loss"
+)
 needs_feature_losses = pytest.mark.skipif(
-    not (hasattr(fastkd, "channel_attention_loss") and hasattr(fastkd, "feature_regression_loss")),
-    reason="fastkd's feature losses are not in this build",
+    not FEATURE_LOSSES, reason="fastkd's feature losses are not in this build"
 )
 CLASSES = ("cat", "dog", "fox")
 
@@ -127,3 +129,13 @@ def test_train_and_val_classes_differ(image_root, tmp_path):
     finally:
         (owl / "0.jpg").unlink()
         owl.rmdir()
+
+
+def test_synthetic_data_needs_no_weights(tmp_path):
+    out = tmp_path / "syn"
+    train(Config(method="cd" if FEATURE_LOSSES else "kd", data="synthetic", teacher="resnet34",
+                 student="resnet18", image_size=32, synthetic_images=24, synthetic_classes=7,
+                 batch_size=8, epochs=1, workers=0, threads=1, profile_steps=2, output=str(out),
+                 plot=False), quiet=True)
+    profile = json.loads((out / "profile.json").read_text())
+    assert profile["steps"] == 2 and profile["images"] == 16

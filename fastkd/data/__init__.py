@@ -11,6 +11,7 @@ from .digits import (
 )
 from .imagefolder import build_imagefolder
 from .sampling import ResumableDistributedSampler, SeededAugmentation, ShardSampler
+from .synthetic import SyntheticImages
 
 __all__ = [
     "BatchedTensorDataset",
@@ -20,6 +21,7 @@ __all__ = [
     "ResumableDistributedSampler",
     "SeededAugmentation",
     "ShardSampler",
+    "SyntheticImages",
     "TensorSplit",
     "build_imagefolder",
     "load_digits_split",

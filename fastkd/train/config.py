@@ -37,6 +37,8 @@ class Config:
     demo_methods: list[str] = field(default_factory=lambda: list(METHODS))
     # Data and models.
     data: str | None = None
+    synthetic_images: int = 12800
+    synthetic_classes: int = 1000
     train_fraction: float = 1.0
     image_size: int = 224
     teacher: str | None = None
@@ -106,6 +108,7 @@ RUNTIME_FIELDS = frozenset({
     "log_interval", "progress", "config", "compile", "loss_backend", "plot",
 })
 
+SYNTHETIC = "synthetic"
 BUILTIN_TEACHER = "digits-teacher"
 BUILTIN_STUDENT = "digits-student"
 
@@ -182,8 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data", metavar="DIR", help=(
         "ImageNet-layout folder with train/<class>/ and val/<class>/ read with torchvision's "
         "ImageFolder (RandomResizedCrop + flip for train, resize + center crop for val, ImageNet "
-        "normalisation). Default: the embedded digits (1797 8x8 images, 10 classes, fixed "
-        "70/30 train/val split)"))
+        "normalisation). 'synthetic': random ImageNet-shaped tensors for throughput "
+        "measurements (teacher weights optional there). Default: the embedded digits (1797 8x8 "
+        "images, 10 classes, fixed 70/30 train/val split)"))
+    g.add_argument("--synthetic-images", type=_positive_int, help=(
+        "--data synthetic: training images per epoch (validation: a tenth as many)"))
+    g.add_argument("--synthetic-classes", type=_positive_int, help="--data synthetic: classes")
     g.add_argument("--train-fraction", type=float, help=(
         "embedded data: fraction of the training split the student trains on (a fixed stratified "
         "subset); the teacher always trains on the whole split"))
@@ -441,7 +448,8 @@ def resolve(cfg: Config, *, world_size: int = 1) -> Config:
     embedded = cfg.data is None
     if cfg.demo and not embedded:
         raise ConfigError("--demo runs on the embedded digits; drop --data")
-    if not embedded:
+    synthetic = cfg.data == SYNTHETIC
+    if not embedded and not synthetic:
         if not Path(cfg.data).is_dir():
             raise ConfigError(f"--data: no such directory: {cfg.data}")
         for split in ("train", "val"):
@@ -450,6 +458,7 @@ def resolve(cfg: Config, *, world_size: int = 1) -> Config:
                     f"--data: {cfg.data} must hold {split}/<class>/ folders (ImageNet layout); "
                     f"{Path(cfg.data) / split} is missing"
                 )
+    if not embedded:
         if cfg.student is None:
             raise ConfigError("--data needs --student (a torchvision model name, e.g. resnet18)")
         if cfg.method not in (None, "scratch"):
@@ -457,7 +466,7 @@ def resolve(cfg: Config, *, world_size: int = 1) -> Config:
                 raise ConfigError(
                     "--data needs --teacher (a torchvision model name, e.g. resnet34)"
                 )
-            if not cfg.teacher_weights:
+            if not cfg.teacher_weights and not synthetic:
                 raise ConfigError(
                     f"--method {cfg.method} with --data needs --teacher-weights PATH: teacher "
                     "weights are never downloaded"
@@ -542,7 +551,7 @@ def resolve_method(cfg: Config) -> None:
             f"--nd-block-epochs {cfg.nd_block_epochs} must be fewer than --epochs {cfg.epochs}: "
             "the remaining epochs fine-tune the stacked student"
         )
-    if cfg.method == "feed" and cfg.data is not None:
+    if cfg.method == "feed" and cfg.teacher_weights:
         cfg.feed_teachers = len(cfg.teacher_weights)
     if cfg.method != "feed" and cfg.method != "scratch" and len(cfg.teacher_weights) > 1:
         raise ConfigError(

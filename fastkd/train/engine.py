@@ -39,13 +39,14 @@ from ..data import (
     ResumableDistributedSampler,
     SeededAugmentation,
     ShardSampler,
+    SyntheticImages,
     build_imagefolder,
     collate_batch,
     load_digits_split,
 )
 from . import checkpoint as ckpt
 from . import distributed, methods
-from .config import Config, ConfigError, resolve
+from .config import SYNTHETIC, Config, ConfigError, resolve
 from .metrics import MetricsLog, plot_history, table
 from .models import StagedNet, build_model, check_model_name
 
@@ -92,6 +93,14 @@ def load_data(cfg: Config, *, train_fraction: float | None = None) -> Data:
         train, val = load_digits_split(fraction)
         return Data(BatchedTensorDataset(train.images, train.labels),
                     BatchedTensorDataset(val.images, val.labels), 10, (1, 8, 8), False)
+    if cfg.data == SYNTHETIC:
+        shape = (3, cfg.image_size, cfg.image_size)
+        return Data(
+            SyntheticImages(cfg.synthetic_images, cfg.synthetic_classes, shape, cfg.seed),
+            SyntheticImages(max(1, cfg.synthetic_images // 10), cfg.synthetic_classes, shape,
+                            cfg.seed + 1),
+            cfg.synthetic_classes, shape, False,
+        )
     try:
         train, val, classes = build_imagefolder(cfg.data, cfg.image_size)
     except ValueError as e:
@@ -259,16 +268,21 @@ def _teacher_models(cfg: Config, data: Data, log: Callable[[str], None],
 
     method = cfg.method
     count = cfg.feed_teachers if method == "feed" else 1
-    if cfg.teacher_weights:
+    with_features = methods.needs_features(method, "teacher")
+    if cfg.data == SYNTHETIC and not cfg.teacher_weights:
+        log(f"--data synthetic: {count} randomly initialised teacher(s), for throughput only")
+        paths: list[str | None] = [None] * count
+    elif cfg.teacher_weights:
         paths = list(cfg.teacher_weights)
     else:
         paths = [str(p) for p in cached_teacher_paths(cfg, count, log, d)]
-    with_features = methods.needs_features(method, "teacher")
     teachers = []
-    for path in paths:
+    for i, path in enumerate(paths):
+        torch.manual_seed(cfg.seed + 1000 + i)
         net = build_model(cfg.teacher, data.num_classes, with_features=with_features,
                           input_shape=data.input_shape)
-        net.load_weights(ckpt.read_weights(path), f"--teacher-weights {path}")
+        if path is not None:
+            net.load_weights(ckpt.read_weights(path), f"--teacher-weights {path}")
         net.eval().requires_grad_(False)
         teachers.append(net)
     return teachers
@@ -379,7 +393,8 @@ class _Run:
         self.sampler = ResumableDistributedSampler(
             self.data.train, self.d.world_size, self.d.rank, cfg.seed)
         pin = self.device.type == "cuda"
-        collate = collate_batch if isinstance(self.data.train, BatchedTensorDataset) else None
+        # In-memory data sets hand over whole batches (one gather instead of a per-image collate).
+        collate = collate_batch if hasattr(self.data.train, "__getitems__") else None
         # Own generator: creating a loader iterator must not draw from the global RNG stream, or
         # a resumed run would see a different stream from an uninterrupted one.
         self.train_loader = DataLoader(
