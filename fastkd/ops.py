@@ -1,20 +1,25 @@
-"""torch.library registrations: fake (meta) implementations and autograd for every fastkd op.
+"""Fake (meta) implementations of every fastkd op, and the autograd of the one-pass losses.
 
 The C++ kernels (``fastkd._C``) and the Triton kernels (``fastkd.kernels``) register the device
-implementations; this module adds what ``torch.compile``, ``opcheck`` and autograd need, in one
-place.
+implementations; this module adds what ``torch.compile`` and ``opcheck`` need, in one place.
 
-One-pass losses (``*_fwd`` returning ``(loss, grad)``) write the student's gradient while they read
-the inputs. Their backward scales that saved gradient in place by ``grad_output`` with
-``scale_grad_``, which returns at once (reading the scalar on the device, no host sync) when
-``grad_output`` is exactly 1 -- the common ``loss.backward()``. Because the saved gradient is
-consumed in place, a second backward through the same graph (``retain_graph=True``) is refused by
-autograd's saved-tensor version check instead of returning a wrongly scaled gradient.
+One-pass losses (``*_fwd`` ops returning ``(loss, grad)``) write the student's gradient while they
+read the inputs. The ops themselves are not differentiable: ``OnePassLoss`` (an
+``autograd.Function``) runs one with the gradient requested and keeps it; its backward scales that
+saved gradient in place by ``grad_output`` with ``scale_grad_``, which returns at once (reading the
+scalar on the device, no host sync) when ``grad_output`` is exactly 1 -- the common
+``loss.backward()``. Because the saved gradient is consumed in place, a second backward through the
+same graph (``retain_graph=True``) is refused by autograd's saved-tensor version check instead of
+returning a wrongly scaled gradient.
+
+Why not ``torch.library.register_autograd`` on the ops: with the gradient as an op output that the
+backward mutates, AOTAutograd's partitioner rejects the traced graph (``opcheck``'s
+``test_aot_dispatch_*``), and the wrapper's argument handling cost more host time per call than the
+kernel itself on a 64 x 100 batch. Pure ops under an ``autograd.Function`` pass every ``opcheck``
+test, trace under ``torch.compile(fullgraph=True)`` and add only autograd's own per-call cost.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
@@ -40,47 +45,33 @@ def _scale_grad_fake(grad, grad_output):
     return None
 
 
-def _is_tensor_list(x: object) -> bool:
-    return isinstance(x, list) and len(x) > 0 and isinstance(x[0], torch.Tensor)
+class OnePassLoss(torch.autograd.Function):
+    """Differentiates ``fwd(student, *args, compute_grad) -> (loss, grad)`` w.r.t. the student.
 
+    Call as ``OnePassLoss.apply(student, fwd, scale_grad_, *args)``; only the student receives a
+    gradient.
+    """
 
-def _one_pass_autograd(scale_grad_: Callable[[torch.Tensor, torch.Tensor], None]):
-    """setup_context/backward for an op returning (loss, grad) whose first input is the student."""
+    @staticmethod
+    def forward(ctx, student, fwd, scale_grad_, *args):
+        loss, grad = fwd(student, *args, True)
+        ctx.scale_grad_ = scale_grad_
+        ctx.num_args = len(args)
+        ctx.save_for_backward(grad)
+        return loss
 
-    def setup_context(ctx, inputs, output):
-        # autograd wants one entry per input, and a list of them for a Tensor[] input.
-        ctx.no_grads = tuple(
-            [None] * len(x) if _is_tensor_list(x) else None for x in inputs[1:]
-        )
-        ctx.has_grad = bool(inputs[-1])  # every one-pass op ends with `compute_grad`
-        ctx.save_for_backward(output[1])
-
-    def backward(ctx, grad_loss, _grad_of_grad):
-        if not ctx.has_grad:
-            raise RuntimeError(
-                "fastkd: this loss was computed with compute_grad=False, so it has no gradient; "
-                "call it through the fastkd API, which asks for one when the student requires it"
-            )
+    @staticmethod
+    def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
         if grad_loss.dtype not in (torch.float32, torch.float64):
             grad_loss = grad_loss.float()
-        scale_grad_(grad, grad_loss.contiguous())
-        return (grad, *ctx.no_grads)
-
-    return setup_context, backward
+        ctx.scale_grad_(grad, grad_loss.contiguous())
+        return (grad, None, None) + (None,) * ctx.num_args
 
 
-def _register_one_pass(fwd: str, fake: Callable, scale_grad_: Callable) -> None:
-    torch.library.register_fake(fwd)(fake)
-    setup_context, backward = _one_pass_autograd(scale_grad_)
-    torch.library.register_autograd(fwd, backward, setup_context=setup_context)
-
-
+torch.library.register_fake("fastkd::kd_loss_fwd")(_kd_loss_fwd_fake)
 torch.library.register_fake("fastkd::scale_grad_")(_scale_grad_fake)
-_register_one_pass("fastkd::kd_loss_fwd", _kd_loss_fwd_fake, torch.ops.fastkd.scale_grad_)
 
 if triton_status() is None:
+    torch.library.register_fake("fastkd::kd_loss_fwd_triton")(_kd_loss_fwd_fake)
     torch.library.register_fake("fastkd::scale_grad_triton_")(_scale_grad_fake)
-    _register_one_pass(
-        "fastkd::kd_loss_fwd_triton", _kd_loss_fwd_fake, torch.ops.fastkd.scale_grad_triton_
-    )

@@ -17,7 +17,7 @@ from ._timing import (
     copy_bandwidth,
     peak_cuda_bytes,
     rotation_copies,
-    time_cpu,
+    time_cpu_interleaved,
     time_cuda,
 )
 
@@ -132,27 +132,38 @@ class Runner:
                     failed = True
                 if failed:
                     _free(collect=True)
-            for impl in runnable:
-                if self.out_of_time():
-                    self._skip(case, mode, impl.name, "the run's time budget was spent")
-                    continue
-                m = None
-                try:
-                    m = self._measure(bench, case, mode, impl, sets, expected)
-                except Exception as e:
-                    self._skip(case, mode, impl.name, _reason(e))
-                    self.log(f"  {impl.name}: skipped ({_reason(e)})")
-                finally:
-                    for s in sets:
-                        for t in s.differentiable:
-                            t.grad = None
-                if m is None:
-                    # Outside the except block, where the exception no longer holds the failed
-                    # call's tensors.
-                    _free(collect=True)
-                    continue
-                timed[(mode, impl.name)] = m
-                self.measurements.append(m)
+            if self.sel.device == "cuda":
+                for impl in runnable:
+                    if self.out_of_time():
+                        self._skip(case, mode, impl.name, "the run's time budget was spent")
+                        continue
+                    prepared = self._prepare(case, mode, impl, sets)
+                    if prepared is not None:
+                        rot, value = prepared
+                        timing = time_cuda(rot, self.settings.rep_ms, self.settings.warmup_ms)
+                        peak = peak_cuda_bytes(rot)
+                        self._keep(
+                            timed, bench, case, mode, impl, rot, value, expected, timing, peak
+                        )
+            else:
+                # All implementations of this (case, mode) timed together, round-robin.
+                ready = []
+                for impl in runnable:
+                    if self.out_of_time():
+                        self._skip(case, mode, impl.name, "the run's time budget was spent")
+                        continue
+                    prepared = self._prepare(case, mode, impl, sets)
+                    if prepared is not None:
+                        ready.append((impl, *prepared))
+                if ready:
+                    with torch.set_grad_enabled(mode == "fwdbwd"):
+                        timings = time_cpu_interleaved(
+                            [rot for _, rot, _ in ready],
+                            self.settings.rep_ms,
+                            self.settings.warmup_ms,
+                        )
+                    for (impl, rot, value), timing in zip(ready, timings, strict=True):
+                        self._keep(timed, bench, case, mode, impl, rot, value, expected, timing)
             del sets
             _free()
         if "bwd" in self.sel.modes:
@@ -178,32 +189,52 @@ class Runner:
             "run": self.run_index,
         }
 
-    def _measure(
+    def _prepare(
+        self, case: Case, mode: str, impl: Impl, sets: list[Inputs]
+    ) -> tuple[Rotation, float] | None:
+        """Builds `impl`, makes its first call (which compiles what needs compiling) and returns
+        its input rotation and loss value, or None (recorded as skipped) if it fails."""
+        backward = mode == "fwdbwd"
+        try:
+            fn = impl.build()
+            rot = Rotation(fn, sets, backward)
+            with torch.set_grad_enabled(backward):
+                loss = fn(*sets[0].args)
+                if backward:
+                    loss.backward()
+                value = float(loss.detach().float())
+                del loss
+        except Exception as e:
+            self._skip(case, mode, impl.name, _reason(e))
+            self.log(f"  {impl.name}: skipped ({_reason(e)})")
+            value = None
+        finally:
+            for s in sets:
+                for t in s.differentiable:
+                    t.grad = None
+        if value is None:
+            # Outside the except block, where the exception no longer holds the failed call's
+            # tensors.
+            _free(collect=True)
+            return None
+        return rot, value
+
+    def _keep(
         self,
+        timed: dict,
         bench: LossBench,
         case: Case,
         mode: str,
         impl: Impl,
-        sets: list[Inputs],
+        rot: Rotation,
+        value: float,
         expected: float | None,
-    ) -> dict:
-        cuda = self.sel.device == "cuda"
-        backward = mode == "fwdbwd"
-        fn = impl.build()
-        rot = Rotation(fn, sets, backward)
-        with torch.set_grad_enabled(backward):
-            # The first call compiles what needs compiling and gives the value to check.
-            loss = fn(*sets[0].args)
-            if backward:
-                loss.backward()
-            value = float(loss.detach().float())
-            del loss
-            if cuda:
-                timing = time_cuda(rot, self.settings.rep_ms, self.settings.warmup_ms)
-                peak = peak_cuda_bytes(rot)
-            else:
-                timing = time_cpu(rot, self.settings.rep_ms, self.settings.warmup_ms)
-                peak = None
+        timing,
+        peak: int | None = None,
+    ) -> None:
+        for s in rot.sets:
+            for t in s.differentiable:
+                t.grad = None
         m = self._record(bench, case, mode, impl)
         gbps = m["bytes"] / (timing.median_ms * 1e-3) / 1e9
         rel = None if expected is None else abs(value - expected) / max(abs(expected), 1e-12)
@@ -212,7 +243,7 @@ class Runner:
             p20_ms=timing.p20_ms,
             p80_ms=timing.p80_ms,
             reps=timing.reps,
-            copies=len(sets),
+            copies=len(rot.sets),
             gbps=gbps,
             copy_fraction=gbps / self.copy["gbps"],
             peak_mem_bytes=peak,
@@ -225,7 +256,8 @@ class Runner:
                 f"  {impl.name}: value {value:.6g} differs from the reference "
                 f"{expected:.6g} by {rel:.2e}"
             )
-        return m
+        timed[(mode, impl.name)] = m
+        self.measurements.append(m)
 
     def _derived_bwd(self, bench: LossBench, case: Case, impl: Impl, fwd: dict, both: dict) -> dict:
         m = self._record(bench, case, "bwd", impl)

@@ -1,7 +1,10 @@
 """Timers, input-buffer rotation, peak memory and the copy-bandwidth roofline.
 
 * CPU: median wall time (``time.perf_counter``) of single calls, repeated until a per-measurement
-  time budget is spent (at least ``MIN_REPS`` calls), after a warm-up.
+  time budget is spent (at least ``MIN_REPS`` calls), after a warm-up. The implementations compared
+  in one case are timed round-robin, call by call (``time_cpu_interleaved``): on a shared or
+  virtualised CPU the speed drifts by whole factors within minutes, and interleaving gives every
+  implementation the same drift, so their ratios hold.
 * CUDA: ``triton.testing.do_bench`` (CUDA events around each call, L2 flushed between calls,
   median), and ``torch.cuda.max_memory_allocated`` for peak memory.
 * Both: the timed function cycles through enough copies of the inputs that together they exceed
@@ -111,6 +114,40 @@ def time_cpu(rot: Rotation, budget_ms: float, warmup_ms: float) -> Timing:
     times.sort()
     ms = [t * 1e3 for t in times]
     return Timing(statistics.median(ms), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms))
+
+
+def time_cpu_interleaved(rots: list[Rotation], budget_ms: float, warmup_ms: float) -> list[Timing]:
+    """`time_cpu` for several implementations at once: one call of each in turn, until each has
+    had `budget_ms` (at least MIN_REPS calls). Consecutive calls, whichever implementation makes
+    them, use consecutive input copies, so no call finds its inputs in cache from the call before.
+    """
+    turn = 0
+
+    def call(rot: Rotation, timed: bool) -> float:
+        nonlocal turn
+        rot.index = turn % len(rot.sets)
+        turn += 1
+        rot.clear()
+        start = time.perf_counter()
+        rot()
+        return time.perf_counter() - start if timed else 0.0
+
+    deadline = time.perf_counter() + warmup_ms / 1e3 * len(rots)
+    rounds = 0
+    while rounds < 3 or time.perf_counter() < deadline:
+        for rot in rots:
+            call(rot, False)
+        rounds += 1
+    times: list[list[float]] = [[] for _ in rots]
+    deadline = time.perf_counter() + budget_ms / 1e3 * len(rots)
+    while len(times[0]) < MAX_REPS and (len(times[0]) < MIN_REPS or time.perf_counter() < deadline):
+        for rot, acc in zip(rots, times, strict=True):
+            acc.append(call(rot, True))
+    out = []
+    for acc in times:
+        ms = sorted(t * 1e3 for t in acc)
+        out.append(Timing(statistics.median(ms), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms)))
+    return out
 
 
 def time_cuda(rot: Rotation, rep_ms: float, warmup_ms: float) -> Timing:

@@ -39,6 +39,7 @@ from .._inputs import (
     check_tensor_list,
     check_weights,
 )
+from ..ops import OnePassLoss
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 # Teachers a compiled kernel takes in one launch (csrc/kd_loss.h: kMaxTeachers).
@@ -104,12 +105,18 @@ def kd_loss(
     kd_coefs, ce_coef, kd_row_weights, ce_row_weights = _plan(
         s3, t3, y, temperature, alpha, guided, ignore_index, weights, reduction
     )
-    op = torch.ops.fastkd.kd_loss_fwd if chosen != "triton" else torch.ops.fastkd.kd_loss_fwd_triton
-    compute_grad = torch.is_grad_enabled() and student.requires_grad
-    loss, _ = op(
-        s3, t3, y, kd_row_weights, ce_row_weights, kd_coefs, ce_coef, float(temperature),
-        float(label_smoothing), int(ignore_index), reduction == "none", compute_grad,
+    if chosen == "triton":
+        fwd, scale = torch.ops.fastkd.kd_loss_fwd_triton, torch.ops.fastkd.scale_grad_triton_
+    else:
+        fwd, scale = torch.ops.fastkd.kd_loss_fwd, torch.ops.fastkd.scale_grad_
+    args = (
+        t3, y, kd_row_weights, ce_row_weights, kd_coefs, ce_coef, float(temperature),
+        float(label_smoothing), int(ignore_index), reduction == "none",
     )
+    if torch.is_grad_enabled() and student.requires_grad:
+        loss = OnePassLoss.apply(s3, fwd, scale, *args)
+    else:
+        loss, _ = fwd(s3, *args, False)
     if reduction == "none":
         return loss.view(student.shape[:-1])
     return loss
