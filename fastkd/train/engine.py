@@ -87,10 +87,10 @@ class Data:
     augmented: bool
 
 
-def load_data(cfg: Config, *, train_fraction: float | None = None) -> Data:
+def load_data(cfg: Config) -> Data:
+    """The training and validation sets ``cfg`` names (embedded digits, synthetic, or a folder)."""
     if cfg.data is None:
-        fraction = cfg.train_fraction if train_fraction is None else train_fraction
-        train, val = load_digits_split(fraction)
+        train, val = load_digits_split(cfg.train_fraction)
         return Data(BatchedTensorDataset(train.images, train.labels),
                     BatchedTensorDataset(val.images, val.labels), 10, (1, 8, 8), False)
     if cfg.data == SYNTHETIC:
