@@ -56,6 +56,8 @@ def test_method_smoke(method, tmp_path, cache_dir):
     for row in rows:
         assert math.isfinite(row["train_loss"])
     assert rows[-1]["val_top1"] == result.val_top1
+    if method == "dih":  # the heads train at --dih-head-lr, by default --lr / 10
+        assert rows[0]["lr"] <= 0.005 < rows[1]["lr"]
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["finished"] and state["position"]["epoch"] == len(rows)
     assert state["position"]["global_step"] == 2 * len(rows)

@@ -71,6 +71,7 @@ class Config:
     cd_ce_weight: float = 1.0
     cd_gkd_weight: float = 1.0
     dih_head_epochs: int | None = None
+    dih_head_lr: float | None = None
     feed_teachers: int = 2
     feed_beta: float = 500.0
     nd_block_epochs: int | None = None
@@ -261,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dih-head-epochs", type=_positive_int, help=(
         "dih: epochs training the intermediate heads on the frozen teacher (default 30%% of "
         "--epochs)"))
+    g.add_argument("--dih-head-lr", type=float, help=(
+        "dih: peak learning rate of the head training (default --lr / 10: a linear layer on an "
+        "unnormalised early stage map, e.g. 2048 inputs on the digits, diverges at --lr)"))
     g.add_argument("--feed-teachers", type=_positive_int, help=(
         "feed, embedded data: number of teachers (differently seeded built-in teachers); with "
         "--data the count of --teacher-weights"))
@@ -544,6 +548,10 @@ def resolve_method(cfg: Config) -> None:
         cfg.cd_kd_start = round(0.3 * cfg.epochs)
     if cfg.dih_head_epochs is None:
         cfg.dih_head_epochs = max(1, round(0.3 * cfg.epochs))
+    if cfg.dih_head_lr is None:
+        cfg.dih_head_lr = cfg.lr / 10
+    if not (math.isfinite(cfg.dih_head_lr) and cfg.dih_head_lr > 0):
+        raise ConfigError(f"--dih-head-lr must be > 0, got {cfg.dih_head_lr}")
     if cfg.nd_block_epochs is None:
         cfg.nd_block_epochs = max(1, round(0.5 * cfg.epochs))
     if cfg.method == "nd" and cfg.nd_block_epochs >= cfg.epochs:

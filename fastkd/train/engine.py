@@ -435,8 +435,9 @@ class _Run:
             m.requires_grad_(False).eval()
         for m in phase.trainable:
             m.requires_grad_(True).train()
-        base_lr = cfg.lr * (cfg.batch_size / cfg.lr_base_batch if cfg.lr_scaling == "linear"
-                            else 1.0)
+        peak = cfg.lr if phase.lr is None else phase.lr
+        base_lr = peak * (cfg.batch_size / cfg.lr_base_batch if cfg.lr_scaling == "linear"
+                          else 1.0)
         self.base_lr = base_lr
         self.optimizer = _optimizer(cfg, phase.trainable, base_lr)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None

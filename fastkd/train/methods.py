@@ -68,6 +68,8 @@ class Phase:
     teacher: Callable[[torch.Tensor], TeacherOut] | None = None
     # Modules put in train mode with gradients on for this phase; every other is frozen.
     trainable: list[nn.Module] = field(default_factory=list)
+    # Peak learning rate of this phase (None: --lr).
+    lr: float | None = None
 
 
 @dataclass
@@ -291,7 +293,7 @@ def _dih(ctx: Context) -> Plan:
 
     phases = [
         Phase("heads", cfg.dih_head_epochs, HeadsForward(heads), heads_loss, heads_eval,
-              _teacher_all([teacher]), [heads]),
+              _teacher_all([teacher]), [heads], lr=cfg.dih_head_lr),
         Phase("student", cfg.epochs, StudentForward(ctx.student), student_loss,
               _student_eval(ctx.student), cohort, [ctx.student]),
     ]
