@@ -69,8 +69,9 @@ def check_choice(x: object, name: str, choices: Sequence[str]) -> str:
     return x
 
 
-def check_weights(weights: object, count: int, name: str) -> list[float]:
-    """`count` non-negative finite numbers (default all 1.0)."""
+def check_weights(weights: object, count: int | None, name: str) -> list[float]:
+    """`count` non-negative finite numbers (default all 1.0). `count=None` accepts any number of
+    given weights (their count is checked later, e.g. by a module at each call)."""
     if weights is None:
         return [1.0] * count
     if isinstance(weights, torch.Tensor):
@@ -79,7 +80,7 @@ def check_weights(weights: object, count: int, name: str) -> list[float]:
         weights = weights.tolist()
     if not isinstance(weights, (list, tuple)):
         raise TypeError(f"{name} must be a list or tuple of numbers, got {type(weights).__name__}")
-    if len(weights) != count:
+    if count is not None and len(weights) != count:
         raise ValueError(f"{name} must hold {count} values (one per pair), got {len(weights)}")
     return [check_real(w, f"{name}[{i}]", low=0.0) for i, w in enumerate(weights)]
 

@@ -69,6 +69,7 @@ def _kd_loss_fwd_kernel(
     HAS_CE: tl.constexpr,
     HAS_CE_RW: tl.constexpr,
     UNIT_T: tl.constexpr,
+    SMOOTH: tl.constexpr,
     HAS_GRAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -111,7 +112,8 @@ def _kd_loss_fwd_kernel(
                 m1_new = tl.maximum(m_1, tl.max(x, 0))
                 z_1 = z_1 * tl.exp(m_1 - m1_new) + tl.sum(tl.exp(x - m1_new), 0)
                 m_1 = m1_new
-            sum_s += tl.sum(tl.where(mask, x, 0.0), 0)
+            if SMOOTH:
+                sum_s += tl.sum(tl.where(mask, x, 0.0), 0)
     lse_q = m_q + tl.log(z_q)
     lse_1 = lse_q
     if HAS_CE:
@@ -152,7 +154,10 @@ def _kd_loss_fwd_kernel(
         if v != 0.0:
             valid = (y >= 0) & (y < C)
             s_y = tl.load(s_row + tl.where(valid, y, 0)).to(tl.float32)
-            ce = lse_1 - (1.0 - eps) * s_y - eps / C * sum_s
+            ce = lse_1 - (1.0 - eps) * s_y
+            # Only with smoothing: a masked (-inf) logit makes sum_s -inf, and 0 * -inf is NaN.
+            if SMOOTH:
+                ce -= eps / C * sum_s
             # An out-of-range label cannot raise on the GPU without a host sync: it makes the
             # loss NaN, loudly, and its row's CE gradient is dropped.
             loss += tl.where(valid, v * ce, float("nan"))
@@ -250,6 +255,7 @@ def kd_loss_fwd_triton(
         HAS_CE=has_ce,
         HAS_CE_RW=ce_row_weights is not None,
         UNIT_T=temperature == 1.0,
+        SMOOTH=has_ce and label_smoothing != 0.0,
         HAS_GRAD=compute_grad,
         BLOCK_C=_block_c(classes),
     )

@@ -3,10 +3,15 @@
 //   grad[b, :] *= grad_output[b]   (one value per row, for reduction="none")
 // ATen's vectorized, parallel mul_ already runs at memory speed here; reading the CPU scalar is
 // not a device synchronisation.
+//
+// The version counter is bumped only when the gradient was written: a skipped write is no
+// mutation, so repeated backward passes with grad_output 1 (as gradcheck makes) stay legal, while
+// a graph whose saved gradient was rescaled refuses a second backward.
 #include "cpu/capability.h"
 
 #ifdef FASTKD_CPU_DISPATCH
 #include <ATen/core/Tensor.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -22,6 +27,7 @@ void scale_grad_cpu(at::Tensor& grad, const at::Tensor& grad_output) {
   } else {
     grad.view({grad_output.numel(), -1}).mul_(grad_output.reshape({-1, 1}));
   }
+  torch::autograd::impl::bump_version(grad);
 }
 
 }  // namespace fastkd

@@ -100,8 +100,11 @@ def kd_loss(
         )
 
     s3 = as_rows3d(student)
-    t3 = [as_rows3d(t) for t in teachers]
-    y = None if labels is None else labels.reshape(-1).to(torch.int64)
+    # Detached: the teacher is never differentiated, and a teacher that requires grad must not
+    # make the loss of a frozen student differentiable (its backward has no gradient to scale).
+    t3 = [as_rows3d(t.detach()) for t in teachers]
+    # The kernels read labels as a dense int64 vector; reshape(-1) keeps a 1-D slice's stride.
+    y = None if labels is None else labels.reshape(-1).to(torch.int64).contiguous()
     kd_coefs, ce_coef, kd_row_weights, ce_row_weights = _plan(
         s3, t3, y, temperature, alpha, guided, ignore_index, weights, reduction
     )

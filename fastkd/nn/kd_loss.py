@@ -49,10 +49,10 @@ class KDLoss(torch.nn.Module):
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         self.ignore_index = ignore_index
+        # Their count is checked against the teachers at each call.
         self.teacher_weights = (
-            None
-            if teacher_weights is None
-            else check_weights(teacher_weights, len(teacher_weights), "teacher_weights")
+            None if teacher_weights is None
+            else check_weights(teacher_weights, None, "teacher_weights")
         )
         self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
         self.backend = check_choice(backend, "backend", backends.CHOICES)

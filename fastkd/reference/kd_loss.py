@@ -40,8 +40,19 @@ def kd_loss_ref(
     y = None if labels is None else labels.reshape(-1).long()
     if y is None:
         counted = torch.ones(rows, dtype=torch.bool, device=s.device)
+        valid = counted
     else:
         counted = y != ignore_index
+        valid = ~counted | ((y >= 0) & (y < classes))
+        if y.device.type == "cpu":
+            # Like the C++ kernel: refuse such labels (a negative one would index from the end,
+            # a large one would silently count as a miss). On a GPU that needs a host sync or a
+            # device-side assert, so the affected rows turn the loss NaN instead, like the
+            # GPU kernels.
+            torch._assert_async(
+                valid.all(),
+                f"fastkd: labels must be in [0, {classes}) or equal ignore_index ({ignore_index})",
+            )
 
     def reduce(per_row: torch.Tensor, kept: torch.Tensor, per_class: bool) -> torch.Tensor:
         if reduction == "sum":
@@ -70,9 +81,10 @@ def kd_loss_ref(
         eps = float(label_smoothing)
         log_sm = F.log_softmax(s, dim=-1)
         target = torch.full_like(s, eps / classes)
-        target[torch.arange(rows, device=s.device), torch.where(counted, y, 0)] += 1.0 - eps
+        hot = torch.where(counted & valid, y, 0)
+        target[torch.arange(rows, device=s.device), hot] += 1.0 - eps
         ce = -torch.where(target > 0, target * log_sm, 0.0).sum(-1)
-        ce = torch.where(counted, ce, 0.0)
+        ce = torch.where(counted, torch.where(valid, ce, torch.nan), 0.0)
         per_row = per_row + (1.0 - alpha) * ce
         total = total + (1.0 - alpha) * reduce(ce, counted, per_class=False)
 
