@@ -23,7 +23,8 @@ Methods (PAPERS.md sections; defaults in ``fastkd.train.config``):
   and CE/GKD off for ``e <= cd_kd_start`` (epochs counted from 1).
 * ``dih`` (section 3): phase 1 trains one linear head per teacher stage on the frozen teacher
   (sum of CEs); phase 2 distils from the cohort of the k heads and the teacher,
-  ``sum_j [alpha T^2 KL(p_j || q) + (1 - alpha) CE]``.
+  ``sum_j [alpha T^2 KL(p_j || q) + (1 - alpha) CE]``. The heads see the flattened maps, as in the
+  paper's code: on ImageNet, ResNet-34's first head alone is 64*56*56 x 1000 = 200M weights.
 * ``feed`` (section 4): ``CE + beta * sum_k mean|n(T_k(F_s)) - n(F_t^k)|`` with one
   3 x (conv3x3 + LeakyReLU(0.1)) transform per teacher on the student's last stage.
 * ``nd`` (section 5): phase 1 trains each student stage (and the head) to reproduce the teacher's,
