@@ -17,6 +17,20 @@ TORCH_LIBRARY(fastkd, m) {
   // place, row by row when grad_output has one value per row. Does nothing when grad_output is a
   // scalar exactly equal to 1 (read on the device, no host sync).
   m.def("scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()");
+  // Channel attention (Channel Distillation): every (student, teacher) pair of one call at once.
+  // The forward reads each map once and returns the loss and `diff`, the concatenation of every
+  // pair's [B, C] block of dloss/dS (one value per channel, see csrc/channel_attention.h), so the
+  // backward is a pure broadcast of grad_output * diff. The backward takes the students' shapes,
+  // memory formats and dtype, not the students themselves: saving them would keep every student
+  // map alive (and bound to its version counter) only for its metadata. One dtype per backward
+  // call (ScalarType[] is not supported by torch.library's schema checks): students of mixed
+  // dtypes take one backward call per dtype.
+  m.def(
+      "channel_attention_fwd(Tensor[] students, Tensor[] teachers, float[] weights, bool mean) "
+      "-> (Tensor loss, Tensor diff)");
+  m.def(
+      "channel_attention_bwd(Tensor[] diffs, Tensor grad_output, SymInt[] sizes, "
+      "bool[] channels_last, ScalarType dtype) -> Tensor[]");
 }
 
 static PyModuleDef fastkd_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

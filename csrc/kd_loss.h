@@ -12,6 +12,12 @@
 
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define FASTKD_HOST_DEVICE __host__ __device__
+#else
+#define FASTKD_HOST_DEVICE
+#endif
+
 namespace fastkd {
 
 constexpr int kMaxTeachers = 8;
@@ -40,8 +46,10 @@ struct KDLossArgs {
   void* grad = nullptr;      // contiguous [rows, cols] in the student's dtype, or nullptr
 };
 
-inline int64_t row_offset(int64_t row, int64_t inner, int64_t stride_outer, int64_t stride_inner) {
-  return inner == 1 ? row * stride_outer : (row / inner) * stride_outer + (row % inner) * stride_inner;
+FASTKD_HOST_DEVICE inline int64_t row_offset(int64_t row, int64_t inner, int64_t stride_outer,
+                                             int64_t stride_inner) {
+  return inner == 1 ? row * stride_outer
+                    : (row / inner) * stride_outer + (row % inner) * stride_inner;
 }
 
 }  // namespace fastkd

@@ -2,6 +2,8 @@
 
 ``fastkd.kd_loss`` (and ``fastkd.nn.KDLoss``) computes temperature-scaled KD -- with hard-label CE,
 guided KD and teacher cohorts -- in one pass over the logits, on C++ CPU, CUDA and Triton kernels.
+``fastkd.channel_attention_loss`` (``fastkd.nn.ChannelAttentionLoss``) is Channel Distillation's
+feature-map loss over every stage of a network in one fused call.
 """
 
 from . import (
@@ -9,8 +11,8 @@ from . import (
     ops,  # noqa: F401  (registers fake and autograd implementations)
     reference,
 )
-from .functional import kd_loss
+from .functional import channel_attention_loss, kd_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["kd_loss", "nn", "reference", "__version__"]
+__all__ = ["channel_attention_loss", "kd_loss", "nn", "reference", "__version__"]

@@ -3,6 +3,7 @@
 Commands:
   bench    time the losses against PyTorch eager, torch.compile and Liger-Kernel
   report   print (and plot) results saved by ``bench --json``
+  tune     write the backend tables ``backend="auto"`` reads, from GPU benchmark results
 
 The reference trainer has its own entry point, ``python -m fastkd.train``.
 """

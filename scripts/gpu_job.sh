@@ -161,7 +161,7 @@ else
 fi
 "$PY" -P -c "
 import fastkd.backends as b
-print('fastkd: extension loaded, with CUDA, reason:', b.extension_status())
+print('fastkd: extension loaded, with CUDA, reason:', b.EXTENSION_LOADED, b.EXTENSION_WITH_CUDA, b.EXTENSION_REASON)
 print('fastkd: triton:', b.triton_status() or 'available')
 " >>"$LOG" 2>&1 || log "fastkd does not import; the benchmarks will fail"
 

@@ -18,7 +18,12 @@ from fastkd.benchmark._timing import rotation_copies
 ELEMENT = {"fp32": 4, "bf16": 2}
 TEACHERS = {"plain": 1, "ce": 1, "guided": 1, "cohort3": 3}
 LABELS = {"plain": False, "ce": True, "guided": True, "cohort3": False}
-QUICK = ["--device", "cpu", "--quick", "--rep-ms", "2", "--warmup-ms", "1", "--threads", "1"]
+# The CLI tests check KD's cases, so they select KD: without --loss every loss runs, and the
+# KD-specific --shapes/--variants would not fit the others.
+QUICK = [
+    "--device", "cpu", "--quick", "--rep-ms", "2", "--warmup-ms", "1", "--threads", "1",
+    "--loss", "kd_loss",
+]
 
 
 def expected_bytes(shape, dtype, variant, mode):
@@ -240,3 +245,41 @@ def test_spent_budget_skips_the_rest(tmp_path, capsys, restore_threads):
         (impl, mode) for impl in ("fastkd", "eager") for mode in ("fwd", "fwdbwd")
     }
     assert all("time budget" in s["reason"] for s in skipped)
+
+
+def test_tune_writes_the_table_auto_reads(tmp_path):
+    """`python -m fastkd tune`: per dtype and size the fastest GPU backend, merged into rules that
+    fastkd.backends.measured_order resolves."""
+    from fastkd.backends import measured_order
+    from fastkd.benchmark._tune import tune
+
+    def m(backend, shape, ms, impl="fastkd"):
+        return {"loss": "kd_loss", "mode": "fwdbwd", "impl": impl, "backend": backend,
+                "dtype": "bf16", "shape": shape, "median_ms": ms}
+
+    gpu = "Some GPU"
+    results = {
+        "created": "today",
+        "environment": {"gpu_name": gpu, "git_commit": "c0ffee"},
+        "measurements": [
+            m("cuda", [8192, 100], 0.05), m("triton", [8192, 100], 0.04),
+            m("cuda", [8192, 1000], 0.10), m("triton", [8192, 1000], 0.09),
+            m("cuda", [8192, 32000], 1.0), m("triton", [8192, 32000], 1.2),
+            m(None, [8192, 32000], 0.1, impl="eager"),
+        ],
+    }
+    (path,) = tune(results, tmp_path)
+    table = json.loads(path.read_text())
+    assert [r["max_size"] for r in table["devices"][0]["rules"]] == [1000, None]
+    assert measured_order(table, gpu, "bfloat16", 100) == ("triton", "cuda")
+    assert measured_order(table, gpu, "bfloat16", 1001) == ("cuda", "triton")
+    assert measured_order(table, gpu, "float32", 100) == ()
+    assert measured_order(table, "Another GPU", "bfloat16", 100) == ()
+    # A second run for the same GPU replaces its entry, other GPUs stay.
+    tune({**results, "environment": {"gpu_name": "Another GPU"}}, tmp_path)
+    tune(results, tmp_path)
+    assert sorted(d["device"] for d in json.loads(path.read_text())["devices"]) == [
+        "Another GPU", gpu
+    ]
+    with pytest.raises(ValueError, match="not measured on a GPU"):
+        tune({"environment": {}, "measurements": []}, tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -164,6 +165,19 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--plot", metavar="PATH", help="write a PNG plot to PATH")
     r.set_defaults(func=run_report, parser=r)
 
+    t = sub.add_parser(
+        "tune",
+        help="write the backend tables backend='auto' reads, from GPU benchmark results",
+        description="From results of 'python -m fastkd bench --device cuda --backend cuda triton "
+        "--json PATH', write fastkd/tuning/<loss>.json: per GPU, dtype and problem size, the "
+        "fastkd backend with the lowest forward+backward time.",
+    )
+    t.add_argument("json", metavar="PATH", help="results written by bench --json on a GPU")
+    t.add_argument(
+        "--out", metavar="DIR", type=Path, help="where to write the tables (default: fastkd/tuning)"
+    )
+    t.set_defaults(func=run_tune, parser=t)
+
 
 def _list() -> int:
     for name in available_losses():
@@ -290,4 +304,19 @@ def run_report(args: argparse.Namespace) -> int:
     print(table(res))
     if args.plot:
         plot(res, args.plot)
+    return 0
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from ._tune import TUNING_DIR, tune
+
+    try:
+        results = json.loads(Path(args.json).read_text())
+        written = tune(results, args.out or TUNING_DIR)
+    except (OSError, ValueError, KeyError) as e:
+        args.parser.error(f"cannot tune from {args.json}: {e}")
+    for path in written:
+        print(f"wrote {path}")
+    if not written:
+        print("no fastkd cuda/triton forward+backward measurements to tune from")
     return 0

@@ -1,5 +1,6 @@
 """Functional forms of the fastkd losses (also exported as ``fastkd.<loss>``)."""
 
+from .channel_attention import channel_attention_loss
 from .kd_loss import kd_loss
 
-__all__ = ["kd_loss"]
+__all__ = ["channel_attention_loss", "kd_loss"]

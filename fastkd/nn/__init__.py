@@ -1,5 +1,6 @@
 """``nn.Module`` forms of the fastkd losses."""
 
+from .channel_attention import ChannelAttentionLoss
 from .kd_loss import KDLoss
 
-__all__ = ["KDLoss"]
+__all__ = ["ChannelAttentionLoss", "KDLoss"]

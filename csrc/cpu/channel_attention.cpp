@@ -1,0 +1,364 @@
+// fastkd::channel_attention_fwd / _bwd on the CPU: the channel-attention loss of Channel
+// Distillation (Zhou et al., 2020), every (student, teacher) pair of one call in one parallel region.
+//
+//   w_s[b, c] = mean_{h, w} S[b, c, h, w],   w_t[b, c] = mean_{h, w} T[b, c, h, w]
+//   loss = sum_i coef_i * sum_{b, c} (w_s - w_t)^2          (coef_i = weight_i / (B C) for "mean")
+//   dloss/dS[b, c, h, w] = 2 coef_i (w_s - w_t)[b, c] / (Hs Ws)     (the same at every (h, w))
+//
+// Shapes: student [B, C, Hs, Ws] and teacher [B, C, Ht, Wt] per pair, any strides; diff is the
+// concatenation of every pair's [B, C] block of 2 coef (w_s - w_t) / (Hs Ws); gradients are dense
+// [B, C, Hs, Ws] in contiguous NCHW or channels_last.
+//
+// Forward: one task per (pair, b, block of channels) computes the block's means of both maps,
+// writes its diff entries and its share of the loss. Each layout is read in its own memory order
+// without a copy: a contiguous NCHW plane is one vectorized sweep; a channels_last map is read
+// row by row (C contiguous values per pixel) into per-channel vector accumulators held in
+// registers; any other stride pattern falls back to scalar 4-D addressing. Tasks are spread over
+// threads by their element count (early ResNet stages cost 16x more per task than late ones).
+// Numerics: float32 accumulation (float64 for float64 maps); each task's loss share is kept in
+// float64 and the shares are summed in task order, so results are bitwise identical whatever the
+// number of threads. Backward: the diff is scaled by grad_output once per (b, c) and broadcast with
+// vector stores (NCHW) or row copies (channels_last).
+#include "cpu/capability.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "channel_attention.h"
+
+namespace fastkd {
+namespace CPU_CAPABILITY {
+
+template <typename acc_t>
+using Vec = at::vec::Vectorized<acc_t>;
+
+// Elements per thread below which work stays on one thread: waking a thread costs more than
+// streaming 1 MiB, and on a busy machine a woken thread can wait a whole scheduler tick.
+constexpr int64_t kGrain = int64_t{1} << 18;
+
+// Elements of T that one vector load covers: Vec<acc_t>::size() for acc_t inputs, twice that for
+// bfloat16/float16 (one load converts to two float vectors).
+template <typename T>
+constexpr int64_t unit() {
+  return at::vec::Vectorized<T>::size();
+}
+
+template <typename acc_t, typename T>
+inline void add_unit(const T* p, Vec<acc_t>& lo, Vec<acc_t>& hi) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    lo += Vec<acc_t>::loadu(p);
+  } else {
+    static_assert(std::is_same_v<acc_t, float>, "reduced-precision maps accumulate in float32");
+    auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+    lo += a;
+    hi += b;
+  }
+}
+
+// n < unit<T>() elements, the rest of the unit counted as 0.
+template <typename acc_t, typename T>
+inline void add_partial(const T* p, int64_t n, Vec<acc_t>& lo, Vec<acc_t>& hi) {
+  T buf[unit<T>()] = {};
+  std::memcpy(buf, p, n * sizeof(T));
+  add_unit<acc_t>(buf, lo, hi);
+}
+
+template <typename acc_t>
+inline acc_t hsum(const Vec<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](Vec<acc_t>& a, Vec<acc_t>& b) { return a + b; }, v);
+}
+
+// Sum of n contiguous values, four independent accumulator pairs for instruction-level parallelism.
+template <typename acc_t, typename T>
+inline acc_t contiguous_sum(const T* x, int64_t n) {
+  constexpr int64_t U = unit<T>();
+  Vec<acc_t> a0(0), a1(0), a2(0), a3(0), b0(0), b1(0), b2(0), b3(0);
+  int64_t i = 0;
+  for (; i + 4 * U <= n; i += 4 * U) {
+    add_unit<acc_t>(x + i, a0, b0);
+    add_unit<acc_t>(x + i + U, a1, b1);
+    add_unit<acc_t>(x + i + 2 * U, a2, b2);
+    add_unit<acc_t>(x + i + 3 * U, a3, b3);
+  }
+  for (; i + U <= n; i += U) add_unit<acc_t>(x + i, a0, b0);
+  if (i < n) add_partial<acc_t>(x + i, n - i, a1, b1);
+  return hsum(((a0 + a1) + (a2 + a3)) + ((b0 + b1) + (b2 + b3)));
+}
+
+// channels_last: sums over `hw` rows (row p at x + p * P) of NU * unit<T>() contiguous channels,
+// the accumulators kept in registers for the whole sweep.
+template <int NU, typename acc_t, typename T>
+inline void row_sums(const T* x, int64_t hw, int64_t P, acc_t* out) {
+  constexpr int64_t U = unit<T>();
+  Vec<acc_t> lo[NU], hi[NU];
+  for (int u = 0; u < NU; ++u) {
+    lo[u] = Vec<acc_t>(0);
+    hi[u] = Vec<acc_t>(0);
+  }
+  for (int64_t p = 0; p < hw; ++p) {
+    const T* row = x + p * P;
+    for (int u = 0; u < NU; ++u) add_unit<acc_t>(row + u * U, lo[u], hi[u]);
+  }
+  constexpr int64_t W = Vec<acc_t>::size();
+  for (int u = 0; u < NU; ++u) {
+    lo[u].store(out + u * U);
+    if constexpr (U > W) hi[u].store(out + u * U + W);
+  }
+}
+
+// Means over (h, w) of channels [c0, c0 + cc) of sample b, into out[0, cc).
+template <typename acc_t, typename T>
+void channel_means(const CaMap& m, int64_t b, int64_t c0, int64_t cc, acc_t* out) {
+  const T* base = static_cast<const T*>(m.data) + b * m.stride_b + c0 * m.stride_c;
+  const int64_t hw = m.H * m.W;
+  const acc_t inv = acc_t(1) / static_cast<acc_t>(hw);
+  if (m.layout == CaLayout::kPlanar) {
+    for (int64_t j = 0; j < cc; ++j) out[j] = contiguous_sum<acc_t>(base + j * m.stride_c, hw) * inv;
+  } else if (m.layout == CaLayout::kChannelsLast) {
+    constexpr int64_t U = unit<T>();
+    constexpr int kMaxUnits = 4;
+    const int64_t P = m.pixel_stride;
+    int64_t j = 0;
+    for (; j + kMaxUnits * U <= cc; j += kMaxUnits * U) {
+      row_sums<kMaxUnits, acc_t>(base + j, hw, P, out + j);
+    }
+    switch ((cc - j) / U) {
+      case 3:
+        row_sums<3, acc_t>(base + j, hw, P, out + j);
+        break;
+      case 2:
+        row_sums<2, acc_t>(base + j, hw, P, out + j);
+        break;
+      case 1:
+        row_sums<1, acc_t>(base + j, hw, P, out + j);
+        break;
+      default:
+        break;
+    }
+    j += (cc - j) / U * U;
+    // Fewer than one vector of channels left: a scalar pass over the same rows.
+    if (j < cc) {
+      std::fill(out + j, out + cc, acc_t(0));
+      for (int64_t p = 0; p < hw; ++p) {
+        const T* row = base + p * P;
+        for (int64_t k = j; k < cc; ++k) out[k] += static_cast<acc_t>(row[k]);
+      }
+    }
+    for (int64_t k = 0; k < cc; ++k) out[k] *= inv;
+  } else {
+    for (int64_t k = 0; k < cc; ++k) {
+      const T* plane = base + k * m.stride_c;
+      acc_t acc = 0;
+      for (int64_t h = 0; h < m.H; ++h) {
+        const T* line = plane + h * m.stride_h;
+        for (int64_t w = 0; w < m.W; ++w) acc += static_cast<acc_t>(line[w * m.stride_w]);
+      }
+      out[k] = acc * inv;
+    }
+  }
+}
+
+template <typename acc_t>
+void channel_means_any(const CaMap& m, int64_t b, int64_t c0, int64_t cc, acc_t* out) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    TORCH_CHECK(m.dtype == CaDtype::kDouble, "fastkd: float64 maps must all be float64");
+    channel_means<double, double>(m, b, c0, cc, out);
+  } else {
+    switch (m.dtype) {
+      case CaDtype::kFloat:
+        return channel_means<float, float>(m, b, c0, cc, out);
+      case CaDtype::kBFloat16:
+        return channel_means<float, c10::BFloat16>(m, b, c0, cc, out);
+      case CaDtype::kHalf:
+        return channel_means<float, c10::Half>(m, b, c0, cc, out);
+      default:
+        TORCH_CHECK(false, "fastkd: float64 maps must all be float64");
+    }
+  }
+}
+
+// Channels per task: whole rows of channels_last maps need a block of at least 64 channels to
+// use every fetched cache line; planar maps are split finer so that few, large maps still spread
+// over every thread.
+inline int64_t channels_per_task(const CaPair& p) {
+  const int64_t cost = p.student.H * p.student.W + p.teacher.H * p.teacher.W;
+  const bool rows = p.student.layout == CaLayout::kChannelsLast ||
+                    p.teacher.layout == CaLayout::kChannelsLast;
+  int64_t chunk = std::max<int64_t>(rows ? 64 : 1, 32768 / cost);
+  if (rows) chunk = (chunk + 63) / 64 * 64;
+  return std::min(chunk, p.C);
+}
+
+template <typename acc_t>
+double fwd_impl(const std::vector<CaPair>& pairs, acc_t* diff) {
+  // Task k covers (pair, b, channel block); cum[k] is the element count before it.
+  struct Task {
+    int pair;
+    int64_t b, c0, cc;
+  };
+  std::vector<Task> tasks;
+  std::vector<int64_t> cum{0};
+  int64_t max_chunk = 1;
+  for (size_t i = 0; i < pairs.size(); ++i) {
+    const CaPair& p = pairs[i];
+    const int64_t chunk = channels_per_task(p);
+    max_chunk = std::max(max_chunk, chunk);
+    const int64_t cost = p.student.H * p.student.W + p.teacher.H * p.teacher.W;
+    for (int64_t b = 0; b < p.B; ++b) {
+      for (int64_t c0 = 0; c0 < p.C; c0 += chunk) {
+        const int64_t cc = std::min(chunk, p.C - c0);
+        tasks.push_back({static_cast<int>(i), b, c0, cc});
+        cum.push_back(cum.back() + cc * cost);
+      }
+    }
+  }
+  const int64_t n = static_cast<int64_t>(tasks.size());
+  std::vector<double> share(n);
+  at::parallel_for(0, cum.back(), kGrain, [&](int64_t begin, int64_t end) {
+    // Tasks starting inside [begin, end); every task starts in exactly one range.
+    int64_t k = std::lower_bound(cum.begin(), cum.begin() + n, begin) - cum.begin();
+    std::vector<acc_t> ws(max_chunk), wt(max_chunk);
+    for (; k < n && cum[k] < end; ++k) {
+      const Task& task = tasks[k];
+      const CaPair& p = pairs[task.pair];
+      channel_means_any<acc_t>(p.student, task.b, task.c0, task.cc, ws.data());
+      channel_means_any<acc_t>(p.teacher, task.b, task.c0, task.cc, wt.data());
+      acc_t* out = diff + p.diff_offset + task.b * p.C + task.c0;
+      const acc_t scale = static_cast<acc_t>(p.grad_scale);
+      double sq = 0;
+      for (int64_t j = 0; j < task.cc; ++j) {
+        const acc_t d = ws[j] - wt[j];
+        out[j] = d * scale;
+        sq += static_cast<double>(d) * static_cast<double>(d);
+      }
+      share[k] = p.coef * sq;
+    }
+  });
+  double total = 0;
+  for (int64_t k = 0; k < n; ++k) total += share[k];
+  return total;
+}
+
+void channel_attention_fwd_kernel(const std::vector<CaPair>& pairs, void* diff, bool f64,
+                                  double* loss) {
+  *loss = f64 ? fwd_impl<double>(pairs, static_cast<double*>(diff))
+              : fwd_impl<float>(pairs, static_cast<float*>(diff));
+}
+
+template <typename T, typename acc_t>
+void bwd_impl(const CaGrad& g, acc_t go) {
+  const auto* diff = static_cast<const acc_t*>(g.diff);
+  T* out = static_cast<T*>(g.data);
+  const int64_t planes = g.B * g.C;
+  if (!g.channels_last) {
+    using VT = at::vec::Vectorized<T>;
+    constexpr int64_t U = VT::size();
+    const int64_t grain = std::max<int64_t>(1, kGrain / g.HW);
+    at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const VT v(static_cast<T>(go * diff[k]));
+        T* plane = out + k * g.HW;
+        int64_t i = 0;
+        for (; i + U <= g.HW; i += U) v.store(plane + i);
+        if (i < g.HW) v.store(plane + i, g.HW - i);
+      }
+    });
+    return;
+  }
+  // channels_last: every pixel row of sample b is the same C values.
+  std::vector<T> vals(planes);
+  at::parallel_for(0, planes, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) vals[k] = static_cast<T>(go * diff[k]);
+  });
+  const int64_t rows = g.B * g.HW;
+  at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / g.C), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      std::memcpy(out + r * g.C, vals.data() + (r / g.HW) * g.C, g.C * sizeof(T));
+    }
+  });
+}
+
+void channel_attention_bwd_kernel(const std::vector<CaGrad>& grads, double grad_output) {
+  for (const CaGrad& g : grads) {
+    switch (g.dtype) {
+      case CaDtype::kDouble:
+        bwd_impl<double, double>(g, grad_output);
+        break;
+      case CaDtype::kFloat:
+        bwd_impl<float, float>(g, static_cast<float>(grad_output));
+        break;
+      case CaDtype::kBFloat16:
+        bwd_impl<c10::BFloat16, float>(g, static_cast<float>(grad_output));
+        break;
+      case CaDtype::kHalf:
+        bwd_impl<c10::Half, float>(g, static_cast<float>(grad_output));
+        break;
+    }
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fastkd
+
+#ifdef FASTKD_CPU_DISPATCH
+#include <torch/library.h>
+
+#include "channel_attention_op.h"
+
+FASTKD_CPU_DECLARE_VARIANTS(void channel_attention_fwd_kernel(const std::vector<CaPair>&, void*,
+                                                              bool, double*))
+FASTKD_CPU_DECLARE_VARIANTS(void channel_attention_bwd_kernel(const std::vector<CaGrad>&, double))
+
+namespace fastkd {
+
+std::tuple<at::Tensor, at::Tensor> channel_attention_fwd_cpu(at::TensorList students,
+                                                             at::TensorList teachers,
+                                                             at::ArrayRef<double> weights,
+                                                             bool mean) {
+  at::Tensor diff;
+  const std::vector<CaPair> pairs =
+      prepare_channel_attention_fwd(students, teachers, weights, mean, diff);
+  const bool f64 = diff.scalar_type() == at::kDouble;
+  double total = 0;
+  FASTKD_CPU_DISPATCH_CALL(channel_attention_fwd_kernel, pairs, diff.data_ptr(), f64, &total);
+  at::Tensor loss = at::empty({}, diff.options());
+  if (f64) {
+    *loss.data_ptr<double>() = total;
+  } else {
+    *loss.data_ptr<float>() = static_cast<float>(total);
+  }
+  return {loss, diff};
+}
+
+std::vector<at::Tensor> channel_attention_bwd_cpu(at::TensorList diffs,
+                                                  const at::Tensor& grad_output,
+                                                  at::IntArrayRef sizes,
+                                                  const c10::List<bool>& channels_last,
+                                                  at::ScalarType dtype) {
+  std::vector<at::Tensor> grads;
+  const std::vector<CaGrad> args =
+      prepare_channel_attention_bwd(diffs, grad_output, sizes, channels_last, dtype, grads);
+  // A CPU scalar: reading it is not a device synchronisation.
+  const double go = grad_output.scalar_type() == at::kDouble
+                        ? *grad_output.data_ptr<double>()
+                        : static_cast<double>(*grad_output.data_ptr<float>());
+  FASTKD_CPU_DISPATCH_CALL(channel_attention_bwd_kernel, args, go);
+  return grads;
+}
+
+}  // namespace fastkd
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("channel_attention_fwd", &fastkd::channel_attention_fwd_cpu);
+  m.impl("channel_attention_bwd", &fastkd::channel_attention_bwd_cpu);
+}
+#endif  // FASTKD_CPU_DISPATCH
