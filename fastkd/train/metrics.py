@@ -41,9 +41,15 @@ class MetricsLog:
             self._tb.flush()
 
     def write_files(self) -> None:
-        keys: list[str] = []
+        seen: list[str] = []
         for row in self.history:
-            keys += [k for k in row if k not in keys]
+            seen += [k for k in row if k not in seen]
+        # Position, then training, then validation columns, then timings.
+        def group(key: str) -> int:
+            return 1 if key.startswith("train_") else 2 if key.startswith("val_") else (
+                3 if key in ("epoch_time_s", "images_per_s") else 0)
+
+        keys = sorted(seen, key=lambda k: (group(k), seen.index(k)))
         tmp = self.output / ".metrics.csv.tmp"
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
