@@ -28,13 +28,29 @@ void scale_grad_inplace_or_view(at::Tensor& grad, const at::Tensor& grad_output)
   if (!grad.is_cpu()) torch::autograd::impl::bump_version(grad);
 }
 
+// scale_grads_, the grouped form (feature regression), records its mutations the same way.
+void scale_grads_inplace_or_view(at::TensorList grads, const at::Tensor& grad_output) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastkd::scale_grads_", "")
+                             .typed<void(at::TensorList, const at::Tensor&)>();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.call(grads, grad_output);
+  }
+  if (!grad_output.is_cpu()) {
+    for (const at::Tensor& g : grads) torch::autograd::impl::bump_version(g);
+  }
+}
+
 }  // namespace
 }  // namespace fastkd
 
 TORCH_LIBRARY_IMPL(fastkd, Autograd, m) {
   m.impl("kd_loss_fwd", torch::autograd::autogradNotImplementedFallback());
+  m.impl("feature_regression_fwd", torch::autograd::autogradNotImplementedFallback());
 }
 
 TORCH_LIBRARY_IMPL(fastkd, ADInplaceOrView, m) {
   m.impl("scale_grad_", &fastkd::scale_grad_inplace_or_view);
+  m.impl("scale_grads_", &fastkd::scale_grads_inplace_or_view);
 }

@@ -60,4 +60,20 @@ inline void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& grad
               "), got shape ", grad_output.sizes());
 }
 
+// fastkd::scale_grads_: dense floating-point gradients (any memory format: the scale is
+// elementwise, so each is processed as its flat storage) and one scalar for all of them.
+inline void check_scale_grads_args(at::TensorList grads, const at::Tensor& grad_output) {
+  TORCH_CHECK(grad_output.scalar_type() == at::kFloat || grad_output.scalar_type() == at::kDouble,
+              "fastkd: grad_output must be float32 or float64, got ", grad_output.scalar_type());
+  TORCH_CHECK(grad_output.dim() == 0, "fastkd: scale_grads_ takes a scalar grad_output, got shape ",
+              grad_output.sizes());
+  for (const at::Tensor& g : grads) {
+    TORCH_CHECK(is_float_dtype(g.scalar_type()) && g.is_non_overlapping_and_dense(),
+                "fastkd: scale_grads_ needs dense floating-point gradients, got ", g.scalar_type(),
+                " with shape ", g.sizes(), " and strides ", g.strides());
+    TORCH_CHECK(g.device() == grad_output.device(), "fastkd: grad_output is on ",
+                grad_output.device(), " but a gradient is on ", g.device());
+  }
+}
+
 }  // namespace fastkd

@@ -31,6 +31,18 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "channel_attention_bwd(Tensor[] diffs, Tensor grad_output, SymInt[] sizes, "
       "bool[] channels_last, ScalarType dtype) -> Tensor[]");
+  // Feature regression (FitNet hints, neighbourhood distillation, FEED): a list of (student,
+  // teacher) pairs of equal shape [B, ...], each dense with every sample contiguous and both in one
+  // layout; loss = sum_i weights[i] * (mean or sum) of |s - t|^p, p in {1, 2}, after L2-normalising
+  // every sample when `normalize`. All pairs run in one launch. Returns the scalar loss and, per
+  // pair, the student's gradient in its dtype and strides (an empty [0] tensor where
+  // compute_grad[i] is false). See csrc/feature_regression.h for the exact contract.
+  m.def(
+      "feature_regression_fwd(Tensor[] students, Tensor[] teachers, float[] weights, int p, "
+      "bool normalize, bool mean, bool[] compute_grad) -> (Tensor loss, Tensor[] grads)");
+  // Backward of one-pass losses with several gradients: every grad *= grad_output (a scalar), in
+  // place, in one launch; nothing is written when grad_output is exactly 1 (read on the device).
+  m.def("scale_grads_(Tensor(a!)[] grads, Tensor grad_output) -> ()");
 }
 
 static PyModuleDef fastkd_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

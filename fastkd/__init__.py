@@ -4,6 +4,8 @@
 guided KD and teacher cohorts -- in one pass over the logits, on C++ CPU, CUDA and Triton kernels.
 ``fastkd.channel_attention_loss`` (``fastkd.nn.ChannelAttentionLoss``) is Channel Distillation's
 feature-map loss over every stage of a network in one fused call.
+``fastkd.feature_regression_loss`` (``fastkd.nn.FeatureRegressionLoss``) regresses student feature
+maps onto teacher maps (FitNet hints, neighbourhood distillation, FEED), all stages in one launch.
 """
 
 from . import (
@@ -11,8 +13,15 @@ from . import (
     ops,  # noqa: F401  (registers fake and autograd implementations)
     reference,
 )
-from .functional import channel_attention_loss, kd_loss
+from .functional import channel_attention_loss, feature_regression_loss, kd_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["channel_attention_loss", "kd_loss", "nn", "reference", "__version__"]
+__all__ = [
+    "channel_attention_loss",
+    "feature_regression_loss",
+    "kd_loss",
+    "nn",
+    "reference",
+    "__version__",
+]

@@ -122,3 +122,25 @@ def as_rows3d(x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] != 1 and x.stride(-1) != 1:
         x = x.contiguous()
     return x
+
+
+def sample_blocked(x: torch.Tensor) -> bool:
+    """Whether `x` is dense and sample ``b`` (dim 0) occupies the storage elements
+    ``[b * D, (b + 1) * D)``, ``D = numel / B`` -- true of contiguous and channels_last tensors, in
+    any order inside a sample. Kernels then read each sample as one flat block."""
+    dims = sorted((st, sz) for sz, st in zip(x.shape, x.stride(), strict=True) if sz != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return x.dim() == 0 or x.shape[0] <= 1 or x.stride(0) * x.shape[0] == x.numel()
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors of one shape place every element at the same storage offset."""
+    return all(
+        sa == sb
+        for size, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True)
+        if size != 1
+    )

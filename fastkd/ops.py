@@ -10,7 +10,9 @@ saved gradient in place by ``grad_output`` with ``scale_grad_``, which returns a
 scalar on the device, no host sync) when ``grad_output`` is exactly 1 -- the common
 ``loss.backward()``. Because the saved gradient is consumed in place, a second backward through the
 same graph (``retain_graph=True``) is refused by autograd's saved-tensor version check instead of
-returning a wrongly scaled gradient.
+returning a wrongly scaled gradient. ``OnePassGroupLoss`` does the same for ops over a list of
+students (feature regression): the forward writes one gradient per student that requires grad, in
+one launch, and the backward scales them all with one grouped ``scale_grads_`` call.
 
 Why not ``torch.library.register_autograd`` on the ops: with the gradient as an op output that the
 backward mutates, AOTAutograd's partitioner rejects the traced graph (``opcheck``'s
@@ -74,6 +76,49 @@ class OnePassLoss(torch.autograd.Function):
             grad_loss = grad_loss.float()
         ctx.scale_grad_(grad, grad_loss.contiguous())
         return (grad, None, None) + (None,) * ctx.num_args
+
+
+def _feature_regression_fwd_fake(students, teachers, weights, p, normalize, mean, compute_grad):
+    dtype = torch.float64 if students[0].dtype == torch.float64 else torch.float32
+    loss = students[0].new_empty((), dtype=dtype)
+    # empty_like keeps a dense student's strides, as the kernels' allocation does.
+    grads = [
+        torch.empty_like(s) if g else s.new_empty((0,))
+        for s, g in zip(students, compute_grad, strict=True)
+    ]
+    return loss, grads
+
+
+def _scale_grads_fake(grads, grad_output):
+    return None
+
+
+class OnePassGroupLoss(torch.autograd.Function):
+    """Differentiates ``fwd(students, *args, compute_grad) -> (loss, grads)`` w.r.t. a list of
+    students, the gradients written by the forward.
+
+    Call as ``OnePassGroupLoss.apply(fwd, scale_grads_, args, compute_grad, *students)``: ``args``
+    is the tuple of the op's arguments between the students and ``compute_grad``, one flag per
+    student (True where it requires grad). The backward scales every computed gradient in place
+    with one ``scale_grads_`` call; the other students get None.
+    """
+
+    @staticmethod
+    def forward(ctx, fwd, scale_grads_, args, compute_grad, *students):
+        loss, grads = fwd(list(students), *args, compute_grad)
+        ctx.scale_grads_ = scale_grads_
+        ctx.compute_grad = compute_grad
+        ctx.save_for_backward(*[g for g, f in zip(grads, compute_grad, strict=True) if f])
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads = ctx.saved_tensors
+        if grad_loss.dtype not in (torch.float32, torch.float64):
+            grad_loss = grad_loss.float()
+        ctx.scale_grads_(list(grads), grad_loss.contiguous())
+        it = iter(grads)
+        return (None, None, None, None, *[next(it) if f else None for f in ctx.compute_grad])
 
 
 def grad_channels_last(x: torch.Tensor) -> bool:
@@ -159,11 +204,17 @@ def _register_channel_attention_fakes(fwd: str, bwd: str) -> None:
 
 torch.library.register_fake("fastkd::kd_loss_fwd")(_kd_loss_fwd_fake)
 torch.library.register_fake("fastkd::scale_grad_")(_scale_grad_fake)
+torch.library.register_fake("fastkd::feature_regression_fwd")(_feature_regression_fwd_fake)
+torch.library.register_fake("fastkd::scale_grads_")(_scale_grads_fake)
 _register_channel_attention_fakes("fastkd::channel_attention_fwd", "fastkd::channel_attention_bwd")
 
 if triton_status() is None:
     torch.library.register_fake("fastkd::kd_loss_fwd_triton")(_kd_loss_fwd_fake)
     torch.library.register_fake("fastkd::scale_grad_triton_")(_scale_grad_fake)
+    torch.library.register_fake("fastkd::feature_regression_fwd_triton")(
+        _feature_regression_fwd_fake
+    )
+    torch.library.register_fake("fastkd::scale_grads_triton_")(_scale_grads_fake)
     _register_channel_attention_fakes(
         "fastkd::channel_attention_fwd_triton", "fastkd::channel_attention_bwd_triton"
     )

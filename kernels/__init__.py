@@ -6,4 +6,4 @@ Importing this package needs Triton; kernels run on CUDA tensors, or on CPU tens
 ``TRITON_INTERPRET=1``.
 """
 
-from . import channel_attention, kd_loss, scale_grad  # noqa: F401
+from . import channel_attention, feature_regression, kd_loss, scale_grad, scale_grads  # noqa: F401

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One job on a GPU machine: build fastkd with its CUDA kernels, run the GPU tests, and benchmark
-# the KD loss on the GPU against PyTorch eager, torch.compile (default and max-autotune) and
-# Liger-Kernel. Run from anywhere inside the repository, with OUT set to an empty output folder:
+# the KD loss and the feature losses on the GPU against PyTorch eager, torch.compile (default and
+# max-autotune) and Liger-Kernel, then derive the backend tables of backend="auto". Run from
+# anywhere inside the repository, with OUT set to an empty output folder:
 #
 #   OUT=/tmp/out FASTKD_COMMIT=$(git rev-parse HEAD) scripts/gpu_job.sh
 #
@@ -14,16 +15,20 @@
 # reserve for the final report); a benchmark phase also gets `--budget` a little below its limit,
 # so it stops starting new cases and saves its results itself. Phases, most important first:
 #   env (~5 s) | build (cap 240 s; a failed CUDA build is retried without CUDA so the Triton
-#   backend can still be measured) | wheels (cap 30 s) | tests (cap 90 s) | bench core: plain and
-#   CE-mixed KD, fastkd vs eager vs Liger (cap 120 s) | bench compile: torch.compile default mode
-#   on a subset (cap 100 s) | bench guided + 3-teacher cohort (cap 90 s) | bench max-autotune on
-#   a smaller subset (cap 70 s) | report (the rest, >= 20 s).
+#   backend can still be measured) | wheels (cap 30 s) | tests (cap 90 s) | bench kd: plain and
+#   CE-mixed KD, fastkd vs eager vs Liger (cap 110 s) | bench features: channel attention over
+#   ResNet-50's stages at B=256 and feature regression on large maps, vs eager (cap 80 s) | bench
+#   compile: torch.compile default mode on a subset (cap 80 s) | bench guided + 3-teacher cohort
+#   (cap 60 s) | bench max-autotune on a smaller subset (cap 50 s) | tune + report (the rest).
+# GPU_JOB_PARTS (default "kd features compile extra autotune") picks the benchmark phases, so a
+# second call on a still-warm machine (the build is then incremental) can run the rest.
 # A phase that fails or times out is reported in summary.txt and the job goes on; the exit status
 # is 0 only when every phase that ran succeeded.
 #
 # Output (7 files, flat): summary.txt (one line per phase), gpu_job.log (machine, versions, date,
-# commit, progress), build.log, tests.log, bench_kd_loss.json (every measurement, all phases),
-# bench_kd_loss.txt (the tables), bench_kd_loss.png (GB/s per case against the copy bandwidth).
+# commit, build output, progress), tests.log, bench.json (every measurement, all phases),
+# bench.txt (the tables), bench.png (GB/s per case against the copy bandwidth), tuning.tar (the
+# fastkd/tuning/*.json tables `python -m fastkd tune` derived from bench.json).
 #
 # GPU_JOB_DRY_RUN=1 runs the same phases on the CPU with tiny shapes and without the build (for
 # checking the script itself on a machine without a GPU; PYTHON selects the interpreter).
@@ -40,9 +45,10 @@ DRY=${GPU_JOB_DRY_RUN:-0}
 START=$SECONDS
 LOG=$OUT/gpu_job.log
 SUMMARY=$OUT/summary.txt
-JSON=$OUT/bench_kd_loss.json
-TABLE=$OUT/bench_kd_loss.txt
-PNG=$OUT/bench_kd_loss.png
+PARTS=" ${GPU_JOB_PARTS:-kd features compile extra autotune} "
+JSON=$OUT/bench.json
+TABLE=$OUT/bench.txt
+PNG=$OUT/bench.png
 FAILED=()
 export PYTHONUNBUFFERED=1
 : >"$SUMMARY"
@@ -93,6 +99,8 @@ if [[ $DRY == 1 ]]; then
     CORE_SHAPES=(16x100 32x1000)
     COMPILE_SHAPES=(16x100)
     AUTOTUNE_SHAPES=(16x100)
+    STAGE_SHAPES=(4x16x16x16)
+    MAP_SHAPES=(4x32x16x16)
     COMMON=(--device cpu --quick --threads 1 --json "$JSON" --append --backend torch)
 else
     # The GPU issue's KD shapes: C in {100, 1000, 32000, 128256, 262144} at 8192 rows, and 65536
@@ -100,6 +108,9 @@ else
     CORE_SHAPES=(8192x100 8192x1000 65536x1000 8192x32000 8192x128256 8192x262144)
     COMPILE_SHAPES=(8192x1000 8192x32000 8192x128256)
     AUTOTUNE_SHAPES=(8192x32000 8192x128256)
+    # ResNet-50's four stages at B=256 ([256, 256, 56, 56] ... [256, 2048, 7, 7]); large maps.
+    STAGE_SHAPES=(256x256x56x56)
+    MAP_SHAPES=(64x256x56x56 256x256x56x56)
     COMMON=(--device cuda --rep-ms 50 --warmup-ms 10 --json "$JSON" --append
         --backend cuda triton)
 fi
@@ -152,10 +163,10 @@ else
     fi
     export MAX_JOBS=${MAX_JOBS:-$(nproc)}
     log "building with FASTKD_CUDA_ARCHS=$FASTKD_CUDA_ARCHS MAX_JOBS=$MAX_JOBS"
-    if ! FASTKD_BUILD_CUDA=1 phase build 240 "$OUT/build.log" "$OUT/build.log" \
+    if ! FASTKD_BUILD_CUDA=1 phase build 240 "$LOG" "$LOG" \
         "$PY" -m pip install --no-deps --no-build-isolation -e .; then
         log "the CUDA build failed; building without CUDA so the Triton backend can be measured"
-        FASTKD_BUILD_CUDA=0 phase build-without-cuda 150 "$OUT/build.log" "$OUT/build.log" \
+        FASTKD_BUILD_CUDA=0 phase build-without-cuda 150 "$LOG" "$LOG" \
             "$PY" -m pip install --no-deps --no-build-isolation -e .
     fi
 fi
@@ -197,14 +208,41 @@ fi
 phase tests 90 "$OUT/tests.log" "$OUT/tests.log" bash -c "$TESTS"
 
 # --- benchmarks ------------------------------------------------------------------------------
-bench bench-core 120 --shapes "${CORE_SHAPES[@]}" --dtype bf16 fp32 --variants plain ce \
-    --mode fwd fwdbwd --peers "${PEERS[@]}"
-bench bench-compile 100 --shapes "${COMPILE_SHAPES[@]}" --dtype bf16 --variants plain ce \
-    --mode fwd fwdbwd --peers compile
-bench bench-guided-cohort 90 --shapes "${CORE_SHAPES[@]}" --dtype bf16 fp32 \
-    --variants guided cohort3 --mode fwd fwdbwd --peers "${PEERS[@]}"
-bench bench-max-autotune 70 --shapes "${AUTOTUNE_SHAPES[@]}" --dtype bf16 --variants plain \
-    --mode fwdbwd --peers compile-max-autotune
+part() { [[ $PARTS == *" $1 "* ]]; }
+if part kd; then
+    bench bench-kd 110 --loss kd_loss --shapes "${CORE_SHAPES[@]}" --dtype bf16 fp32 \
+        --variants plain ce --mode fwd fwdbwd --peers "${PEERS[@]}"
+fi
+if part features; then
+    bench bench-features 80 --loss channel_attention --shapes "${STAGE_SHAPES[@]}" \
+        --dtype bf16 fp32 --variants stages-cl stages --mode fwd fwdbwd --peers eager
+    bench bench-features-reg 60 --loss feature_regression --shapes "${MAP_SHAPES[@]}" \
+        --dtype bf16 fp32 --variants mse mse-cl feed feed-cl --mode fwd fwdbwd --peers eager
+fi
+if part compile; then
+    bench bench-compile 80 --loss kd_loss --shapes "${COMPILE_SHAPES[@]}" --dtype bf16 \
+        --variants plain ce --mode fwd fwdbwd --peers compile
+    bench bench-compile-features 50 --loss channel_attention feature_regression \
+        --shapes "${STAGE_SHAPES[@]}" --dtype bf16 --variants stages-cl mse-cl feed-cl \
+        --mode fwdbwd --peers compile
+fi
+if part extra; then
+    bench bench-guided-cohort 60 --loss kd_loss --shapes "${CORE_SHAPES[@]}" --dtype bf16 fp32 \
+        --variants guided cohort3 --mode fwd fwdbwd --peers "${PEERS[@]}"
+fi
+if part autotune; then
+    bench bench-max-autotune 50 --loss kd_loss --shapes "${AUTOTUNE_SHAPES[@]}" --dtype bf16 \
+        --variants plain --mode fwdbwd --peers compile-max-autotune
+fi
+
+# --- tuning tables for backend="auto" ----------------------------------------------------------
+if [[ -f $JSON && $DRY == 0 ]]; then
+    TUNED=/tmp/fastkd-tuning
+    rm -rf "$TUNED"
+    if phase tune 30 "$LOG" "$LOG" "$PY" -P -m fastkd tune "$JSON" --out "$TUNED/tuning"; then
+        tar -C "$TUNED" -cf "$OUT/tuning.tar" tuning
+    fi
+fi
 
 # --- report ----------------------------------------------------------------------------------
 RESERVE=0

@@ -225,6 +225,8 @@ def test_rotation_exceeds_twice_the_cache(set_bytes):
 def test_spent_budget_skips_the_rest(tmp_path, capsys, restore_threads):
     out = tmp_path / "kd.json"
     rc = run_cli(
+        "--loss",
+        "kd_loss",
         "--shapes",
         "4x8",
         "--dtype",

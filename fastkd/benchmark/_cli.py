@@ -204,6 +204,16 @@ def run_bench(args: argparse.Namespace) -> int:
         benches = [load_loss(n) for n in (args.loss or available_losses())]
     except ValueError as e:
         parser.error(str(e))
+    if args.variants:
+        # Variants belong to losses: each loss runs the requested variants it defines, a loss that
+        # defines none of them is left out, and a variant that no loss defines is an error.
+        unknown = [v for v in args.variants if not any(v in b.variants for b in benches)]
+        if unknown:
+            parser.error(
+                f"unknown variant(s) {', '.join(unknown)}; choose from "
+                + "; ".join(f"{b.name}: {', '.join(b.variants)}" for b in benches)
+            )
+        benches = [b for b in benches if any(v in b.variants for v in args.variants)]
     sel = Selection(
         device=device,
         dtypes=args.dtype,

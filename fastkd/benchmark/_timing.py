@@ -116,18 +116,34 @@ def time_cpu(rot: Rotation, budget_ms: float, warmup_ms: float) -> Timing:
     return Timing(statistics.median(ms), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms))
 
 
+class CacheScrub:
+    """Reads a buffer of twice the last-level cache, untimed, before a timed CPU call: the
+    CPU-side counterpart of do_bench's L2 flush. It writes back the dirty lines the previous call
+    left (eager code leaves tens of MB of intermediates), which would otherwise be charged to
+    whichever implementation runs next, and leaves the cache cold and clean for every call."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.ones(2 * cache_bytes("cpu") // 4, dtype=torch.float32)
+
+    def __call__(self) -> None:
+        self.buffer.sum()
+
+
 def time_cpu_interleaved(rots: list[Rotation], budget_ms: float, warmup_ms: float) -> list[Timing]:
     """`time_cpu` for several implementations at once: one call of each in turn, until each has
-    had `budget_ms` (at least MIN_REPS calls). Consecutive calls, whichever implementation makes
-    them, use consecutive input copies, so no call finds its inputs in cache from the call before.
+    had `budget_ms` (at least MIN_REPS calls), each after a `CacheScrub`. Consecutive calls,
+    whichever implementation makes them, use consecutive input copies.
     """
     turn = 0
+    scrub = CacheScrub()
 
     def call(rot: Rotation, timed: bool) -> float:
         nonlocal turn
         rot.index = turn % len(rot.sets)
         turn += 1
         rot.clear()
+        if timed:
+            scrub()
         start = time.perf_counter()
         rot()
         return time.perf_counter() - start if timed else 0.0
@@ -139,10 +155,12 @@ def time_cpu_interleaved(rots: list[Rotation], budget_ms: float, warmup_ms: floa
             call(rot, False)
         rounds += 1
     times: list[list[float]] = [[] for _ in rots]
-    deadline = time.perf_counter() + budget_ms / 1e3 * len(rots)
-    while len(times[0]) < MAX_REPS and (len(times[0]) < MIN_REPS or time.perf_counter() < deadline):
+    # The budget counts the calls alone, not the scrubs between them.
+    spent, budget = 0.0, budget_ms / 1e3 * len(rots)
+    while len(times[0]) < MAX_REPS and (len(times[0]) < MIN_REPS or spent < budget):
         for rot, acc in zip(rots, times, strict=True):
             acc.append(call(rot, True))
+            spent += acc[-1]
     out = []
     for acc in times:
         ms = sorted(t * 1e3 for t in acc)

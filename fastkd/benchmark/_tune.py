@@ -10,6 +10,7 @@ an existing entry for the same GPU is replaced; see ``fastkd.backends.measured_o
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,6 +19,10 @@ from pathlib import Path
 # it passes (from the benchmark case's shape).
 SIZE_MEASURES: dict[str, tuple[str, str, Callable[[list[int]], int]]] = {
     "kd_loss": ("kd_loss", "classes", lambda shape: int(shape[-1])),
+    # Elements per sample of the longest map (the first one of the stage variants).
+    "feature_regression": (
+        "feature_regression", "sample_elements", lambda shape: math.prod(shape[1:])
+    ),
 }
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 TUNING_DIR = Path(__file__).resolve().parent.parent / "tuning"

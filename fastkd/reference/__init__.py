@@ -2,6 +2,7 @@
 ``backend="torch"`` fallback. Names: ``fastkd.reference.<loss>_ref``."""
 
 from .channel_attention import channel_attention_loss_ref
+from .feature_regression import feature_regression_loss_ref
 from .kd_loss import kd_loss_ref
 
-__all__ = ["channel_attention_loss_ref", "kd_loss_ref"]
+__all__ = ["channel_attention_loss_ref", "feature_regression_loss_ref", "kd_loss_ref"]
