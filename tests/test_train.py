@@ -10,18 +10,9 @@ import math
 import pytest
 import torch
 
-import fastkd
 from fastkd.train import METHODS, Config, parse_args, train
 from fastkd.train.__main__ import main
 from fastkd.train.models import build_model
-
-FEATURE_LOSSES = hasattr(fastkd, "channel_attention_loss") and hasattr(
-    fastkd, "feature_regression_loss"
-)
-needs_feature_losses = pytest.mark.skipif(
-    not FEATURE_LOSSES, reason="fastkd's feature losses are not in this build"
-)
-FEATURE_METHODS = {"cd", "feed", "nd"}
 
 
 @pytest.fixture(scope="session")
@@ -42,10 +33,7 @@ def tiny(method, output, cache_dir, **kw):
 PHASES = {"dih": ["heads", "student"], "nd": ["blocks", "student"]}
 
 
-@pytest.mark.parametrize(
-    "method",
-    [pytest.param(m, marks=needs_feature_losses) if m in FEATURE_METHODS else m for m in METHODS],
-)
+@pytest.mark.parametrize("method", METHODS)
 def test_method_smoke(method, tmp_path, cache_dir):
     out = tmp_path / method
     # nd splits --epochs between its block-wise phase and the fine-tuning.

@@ -8,15 +8,8 @@ import torch
 import torchvision
 from PIL import Image
 
-import fastkd
 from fastkd.train import Config, ConfigError, train
 
-FEATURE_LOSSES = hasattr(fastkd, "channel_attention_loss") and hasattr(
-    fastkd, "feature_regression_loss"
-)
-needs_feature_losses = pytest.mark.skipif(
-    not FEATURE_LOSSES, reason="fastkd's feature losses are not in this build"
-)
 CLASSES = ("cat", "dog", "fox")
 
 
@@ -80,7 +73,6 @@ def test_augmentation_does_not_depend_on_workers(image_root, tmp_path):
     assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
 
 
-@needs_feature_losses
 @pytest.mark.parametrize("method", ["cd", "nd"])
 def test_feature_methods_resnet(image_root, tmp_path, method):
     train(run_cfg(image_root, tmp_path, method, "resnet34", "resnet18", nd_block_epochs=1,
@@ -133,7 +125,7 @@ def test_train_and_val_classes_differ(image_root, tmp_path):
 
 def test_synthetic_data_needs_no_weights(tmp_path):
     out = tmp_path / "syn"
-    train(Config(method="cd" if FEATURE_LOSSES else "kd", data="synthetic", teacher="resnet34",
+    train(Config(method="cd", data="synthetic", teacher="resnet34",
                  student="resnet18", image_size=32, synthetic_images=24, synthetic_classes=7,
                  batch_size=8, epochs=1, workers=0, threads=1, profile_steps=2, output=str(out),
                  plot=False), quiet=True)
