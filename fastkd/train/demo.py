@@ -159,17 +159,19 @@ def _plot(path: Path, summary: list[dict[str, Any]], results: dict[str, list[Run
     ax_bar.set(ylim=(max(0.0, low - 3), 100), ylabel="val top-1 % (mean +- std over seeds)",
                title="final accuracy")
     for method, runs in results.items():
-        curves = [
-            [(r["phase_epoch"], r["val_top1"]) for r in run.history
-             if r["phase"] == "student" and r.get("val_top1") is not None]
-            for run in runs
-        ]
+        # x: epochs that trained the student (nd's block-wise phase counts, dih's head training
+        # on the teacher does not).
+        curves = []
+        for run in runs:
+            heads = sum(1 for r in run.history if r["phase"] == "heads")
+            curves.append([(r["epoch"] - heads, r["val_top1"]) for r in run.history
+                           if r["phase"] != "heads" and r.get("val_top1") is not None])
         n = min(len(c) for c in curves)
         epochs = [e for e, _ in curves[0][:n]]
         mean = [statistics.fmean(c[i][1] for c in curves) for i in range(n)]
         ax_curve.plot(epochs, mean, marker=".", label=method,
                       linestyle="--" if method == "scratch" else "-")
-    ax_curve.set(xlabel="student epoch", ylabel="val top-1 % (mean over seeds)",
+    ax_curve.set(xlabel="epoch of the student's training", ylabel="val top-1 % (mean over seeds)",
                  title="validation accuracy", ylim=(max(0.0, low - 15), 100))
     ax_curve.grid(alpha=0.3)
     ax_curve.legend(fontsize=8)
