@@ -512,6 +512,19 @@ def test_extreme_values(backend, case):
     assert torch.isfinite(loss).all()
 
 
+@pytest.mark.parametrize("where", ["student", "teacher"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_logit_gives_nan_loss(backend, where):
+    """A NaN logit makes its row's loss NaN, as in the reference; the exponentials' clamping of
+    -inf arguments must not turn it into a finite number."""
+    rows, c = small(backend, 4), 37
+    s, t = torch.randn(rows, c), torch.randn(rows, c)
+    (s if where == "student" else t)[1, 5] = math.nan
+    loss = fastkd.kd_loss(s, t, temperature=2.0, reduction="none", backend=backend)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2, 3]]).all(), loss
+    assert torch.isnan(fastkd.kd_loss(s, t, temperature=2.0, backend=backend))
+
+
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_guided_teacher_never_right_gives_zero(backend, reduction):

@@ -70,8 +70,9 @@ def kd_loss_ref(
         t = t.detach().reshape(-1, classes).to(acc)
         log_p = F.log_softmax(t / T, dim=-1)
         p = log_p.exp()
-        # 0 * log 0 = 0: classes the teacher rules out (p = 0, e.g. -inf logits) contribute nothing.
-        kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+        # 0 * log 0 = 0: classes the teacher rules out (p = 0, e.g. -inf logits) contribute
+        # nothing. Tested as p == 0, not p > 0, so that a NaN p still makes the row NaN.
+        kl = torch.where(p == 0, 0.0, p * (log_p - log_q)).sum(-1)
         kept = counted if not guided else counted & (t.argmax(-1) == y)
         term = torch.where(kept, T * T * kl, 0.0)
         per_row = per_row + kd_weight * w * term
