@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fastkd.__main__ import main
-from fastkd.benchmark import Case, LossBench, Selection, available_losses, load_loss
+from fastkd.benchmark import Case, LossBench, Selection, _timing, available_losses, load_loss
+from fastkd.benchmark._core import Inputs
 from fastkd.benchmark._timing import rotation_copies
 
 ELEMENT = {"fp32": 4, "bf16": 2}
@@ -220,6 +221,34 @@ def test_rotation_exceeds_twice_the_cache(set_bytes):
     if copies < 4096:
         assert copies * set_bytes > 2 * cache
         assert copies == 1 or (copies - 1) * set_bytes <= 2 * cache
+
+
+@pytest.mark.parametrize("cache", ["steady", "cold"])
+def test_interleaved_timer_cache_states(cache, monkeypatch):
+    """`steady` precedes every timed call with an untimed call of the same implementation on
+    another input copy; `cold` does not. Either way each timed call follows a scrub."""
+    scrubs, log = [], []
+    monkeypatch.setattr(_timing.CacheScrub, "__init__", lambda self: None)
+    monkeypatch.setattr(_timing.CacheScrub, "__call__", lambda self: scrubs.append(len(log)))
+
+    def rotation(name):
+        sets = [Inputs((i,), ()) for i in range(3)]
+        return _timing.Rotation(lambda i: log.append((name, i)), sets, backward=False)
+
+    rots = [rotation("a"), rotation("b")]
+    timings = _timing.time_cpu_interleaved(rots, budget_ms=0.0, warmup_ms=0.0, cache=cache)
+    assert [t.reps for t in timings] == [_timing.MIN_REPS] * 2
+    timed = log[6:]  # after 3 warm-up rounds of one call each
+    assert len(scrubs) == 2 * _timing.MIN_REPS
+    per_timed = 2 if cache == "steady" else 1
+    assert len(timed) == per_timed * len(scrubs)
+    for k, at in enumerate(scrubs):
+        calls = log[at : at + per_timed]
+        assert calls[0][0] == ("a", "b")[k % 2] and len({n for n, _ in calls}) == 1
+        if cache == "steady":
+            assert calls[0][1] != calls[1][1]  # the timed call's inputs were not just read
+    with pytest.raises(ValueError, match="cache must be one of"):
+        _timing.time_cpu_interleaved(rots, 0.0, 0.0, cache="warm")
 
 
 def test_spent_budget_skips_the_rest(tmp_path, capsys, restore_threads):

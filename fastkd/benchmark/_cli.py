@@ -14,6 +14,7 @@ from . import available_losses, load_loss
 from ._core import DTYPES, MODES, PEERS, Selection, parse_shape, shape_str
 from ._report import Results, environment, now, plot, table
 from ._runner import Runner, Settings
+from ._timing import CACHE_STATES
 
 FASTKD_BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
@@ -135,6 +136,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--warmup-ms", type=_positive, metavar="MS", help="warm-up time of each measurement"
     )
     p.add_argument(
+        "--cpu-cache",
+        choices=CACHE_STATES,
+        default="steady",
+        help="CPU only, what each timed call finds in cache: steady (default; caches scrubbed, "
+        "then one untimed call of the same implementation, as in a training loop: code warm, "
+        "inputs in DRAM) or cold (scrubbed: code and inputs in DRAM)",
+    )
+    p.add_argument(
         "--budget",
         type=_positive,
         metavar="SECONDS",
@@ -241,6 +250,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.warmup_ms:
         settings.warmup_ms = args.warmup_ms
     settings.budget_s = args.budget
+    settings.cpu_cache = args.cpu_cache
 
     runner = Runner(sel, settings)
     env = environment(device, runner.cache)
@@ -274,7 +284,8 @@ def run_bench(args: argparse.Namespace) -> int:
             "settings": {
                 "timer": "triton.testing.do_bench: CUDA events, L2 flushed, median"
                 if device == "cuda"
-                else "time.perf_counter around each call, median",
+                else "time.perf_counter around each call, median; caches: "
+                + settings.cpu_cache,
                 "rep_ms": settings.rep_ms,
                 "warmup_ms": settings.warmup_ms,
                 "budget_s": settings.budget_s,

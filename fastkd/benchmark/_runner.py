@@ -32,6 +32,7 @@ class Settings:
     warmup_ms: float
     copy_bytes: int  # size of the buffer copied for the roofline
     budget_s: float | None = None  # wall-clock budget of the whole run; the rest is skipped
+    cpu_cache: str = "steady"  # what a timed CPU call finds in cache: see _timing.CACHE_STATES
 
     @staticmethod
     def defaults(device: str, quick: bool) -> Settings:
@@ -161,6 +162,7 @@ class Runner:
                             [rot for _, rot, _ in ready],
                             self.settings.rep_ms,
                             self.settings.warmup_ms,
+                            self.settings.cpu_cache,
                         )
                     for (impl, rot, value), timing in zip(ready, timings, strict=True):
                         self._keep(timed, bench, case, mode, impl, rot, value, expected, timing)

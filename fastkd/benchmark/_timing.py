@@ -117,10 +117,10 @@ def time_cpu(rot: Rotation, budget_ms: float, warmup_ms: float) -> Timing:
 
 
 class CacheScrub:
-    """Reads a buffer of twice the last-level cache, untimed, before a timed CPU call: the
-    CPU-side counterpart of do_bench's L2 flush. It writes back the dirty lines the previous call
-    left (eager code leaves tens of MB of intermediates), which would otherwise be charged to
-    whichever implementation runs next, and leaves the cache cold and clean for every call."""
+    """Reads a buffer of twice the last-level cache, untimed: the CPU-side counterpart of
+    do_bench's L2 flush. It writes back the dirty lines the previous call left (eager code leaves
+    tens of MB of intermediates), which would otherwise be charged to whichever implementation
+    runs next, and evicts every input."""
 
     def __init__(self) -> None:
         self.buffer = torch.ones(2 * cache_bytes("cpu") // 4, dtype=torch.float32)
@@ -129,21 +129,39 @@ class CacheScrub:
         self.buffer.sum()
 
 
-def time_cpu_interleaved(rots: list[Rotation], budget_ms: float, warmup_ms: float) -> list[Timing]:
-    """`time_cpu` for several implementations at once: one call of each in turn, until each has
-    had `budget_ms` (at least MIN_REPS calls), each after a `CacheScrub`. Consecutive calls,
-    whichever implementation makes them, use consecutive input copies.
+# What a timed CPU call finds in the caches (`time_cpu_interleaved`'s `cache`):
+# "steady" -- a scrub, then one untimed call of the same implementation on another input copy: the
+#   state of a training loop, which runs the loss once per step. Its own code, Python objects and
+#   allocator are warm, and the dirty lines in cache are its own previous call's; its inputs come
+#   from DRAM. The CPU counterpart of do_bench, whose host-side code is warm and L2 flushed.
+# "cold" -- the scrub alone: code and data both come from DRAM, which charges every call the
+#   instruction and data misses of the Python interpreter, the dispatcher and autograd as well
+#   (a few hundred microseconds on a 2-core VM, whatever the size of the loss).
+CACHE_STATES = ("steady", "cold")
+
+
+def time_cpu_interleaved(
+    rots: list[Rotation], budget_ms: float, warmup_ms: float, cache: str = "steady"
+) -> list[Timing]:
+    """`time_cpu` for several implementations at once: one timed call of each in turn, until
+    each has had `budget_ms` (at least MIN_REPS calls), each prepared as `cache` says (see
+    CACHE_STATES). Consecutive calls, whichever implementation makes them, use consecutive input
+    copies.
     """
+    if cache not in CACHE_STATES:
+        raise ValueError(f"cache must be one of {CACHE_STATES}, got {cache!r}")
     turn = 0
     scrub = CacheScrub()
 
     def call(rot: Rotation, timed: bool) -> float:
         nonlocal turn
+        if timed:
+            scrub()
+            if cache == "steady":
+                call(rot, False)
         rot.index = turn % len(rot.sets)
         turn += 1
         rot.clear()
-        if timed:
-            scrub()
         start = time.perf_counter()
         rot()
         return time.perf_counter() - start if timed else 0.0
@@ -155,7 +173,7 @@ def time_cpu_interleaved(rots: list[Rotation], budget_ms: float, warmup_ms: floa
             call(rot, False)
         rounds += 1
     times: list[list[float]] = [[] for _ in rots]
-    # The budget counts the calls alone, not the scrubs between them.
+    # The budget counts the timed calls alone, not the scrubs and untimed calls between them.
     spent, budget = 0.0, budget_ms / 1e3 * len(rots)
     while len(times[0]) < MAX_REPS and (len(times[0]) < MIN_REPS or spent < budget):
         for rot, acc in zip(rots, times, strict=True):
