@@ -64,12 +64,17 @@ inline void add_unit(const T* p, Vec<acc_t>& lo, Vec<acc_t>& hi) {
   }
 }
 
-// n < unit<T>() elements, the rest of the unit counted as 0.
+// n < unit<T>() elements, the rest of the unit counted as 0 (at::vec's partial loads zero it;
+// with AVX-512 they are single masked loads).
 template <typename acc_t, typename T>
 inline void add_partial(const T* p, int64_t n, Vec<acc_t>& lo, Vec<acc_t>& hi) {
-  T buf[unit<T>()] = {};
-  std::memcpy(buf, p, n * sizeof(T));
-  add_unit<acc_t>(buf, lo, hi);
+  if constexpr (std::is_same_v<T, acc_t>) {
+    lo += Vec<acc_t>::loadu(p, n);
+  } else {
+    auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p, n));
+    lo += a;
+    hi += b;
+  }
 }
 
 template <typename acc_t>
@@ -81,6 +86,15 @@ inline acc_t hsum(const Vec<acc_t>& v) {
 template <typename acc_t, typename T>
 inline acc_t contiguous_sum(const T* x, int64_t n) {
   constexpr int64_t U = unit<T>();
+  if (n < 4 * U) {
+    // Small planes (7 x 7, 4 x 4 in late ResNet stages): tens of thousands of them per map, so
+    // the fixed cost per plane counts -- one accumulator pair and one combine, not eight.
+    Vec<acc_t> lo(0), hi(0);
+    int64_t i = 0;
+    for (; i + U <= n; i += U) add_unit<acc_t>(x + i, lo, hi);
+    if (i < n) add_partial<acc_t>(x + i, n - i, lo, hi);
+    return hsum(lo + hi);
+  }
   Vec<acc_t> a0(0), a1(0), a2(0), a3(0), b0(0), b1(0), b2(0), b3(0);
   int64_t i = 0;
   for (; i + 4 * U <= n; i += 4 * U) {
