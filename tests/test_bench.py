@@ -154,6 +154,16 @@ def test_append_merges_runs_and_report_reprints(tmp_path, capsys, restore_thread
     printed = capsys.readouterr().out
     assert printed.count("4x8") == 3 and png.exists()
 
+    # The Markdown summary: one row per fastkd measurement of the modes asked for, eager's time
+    # beside it where measured, "-" for a peer that was not.
+    assert main(["report", str(out), "--markdown", "fwd"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| loss | shape |") and len(lines) == 2 + 2
+    cells = {line.split(" | ")[3]: line.split(" | ") for line in lines[2:]}
+    assert cells["plain"][6] != "-" and cells["ce"][6] == "-" and cells["ce"][7] == "-"
+    assert main(["report", str(out), "--markdown"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2  # no fwdbwd was measured
+
 
 @pytest.mark.parametrize(
     "argv, message",

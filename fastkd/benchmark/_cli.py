@@ -12,7 +12,7 @@ import torch
 
 from . import available_losses, load_loss
 from ._core import DTYPES, MODES, PEERS, Selection, parse_shape, shape_str
-from ._report import Results, environment, now, plot, table
+from ._report import Results, environment, markdown, now, plot, table
 from ._runner import Runner, Settings
 from ._timing import CACHE_STATES
 
@@ -172,6 +172,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("json", metavar="PATH", help="results written by bench --json")
     r.add_argument("--plot", metavar="PATH", help="write a PNG plot to PATH")
+    r.add_argument(
+        "--markdown",
+        nargs="*",
+        choices=MODES,
+        metavar="MODE",
+        help="print a Markdown summary instead (fastkd beside eager and torch.compile, one row "
+        "per case) of the given modes (default: fwdbwd)",
+    )
     r.set_defaults(func=run_report, parser=r)
 
     t = sub.add_parser(
@@ -322,7 +330,10 @@ def run_report(args: argparse.Namespace) -> int:
         res = Results.load(args.json)
     except (OSError, ValueError, KeyError) as e:
         args.parser.error(f"cannot read {args.json}: {e}")
-    print(table(res))
+    if args.markdown is not None:
+        print(markdown(res, tuple(args.markdown) or ("fwdbwd",)))
+    else:
+        print(table(res))
     if args.plot:
         plot(res, args.plot)
     return 0

@@ -268,6 +268,34 @@ def table(res: Results, run: int | None = None) -> str:
     return "\n".join(out)
 
 
+def markdown(res: Results, modes: tuple[str, ...] = ("fwdbwd",)) -> str:
+    """A Markdown table for a README: one row per case and mode, fastkd (backend auto) beside
+    PyTorch eager and torch.compile, and fastkd's share of the copy bandwidth."""
+    by_key = {_key(m): m for m in res.annotated()}
+    cols = ["loss", "shape", "dtype", "variant", "mode", "fastkd", "eager", "compile",
+            "vs eager", "vs compile", "fastkd %copy"]
+    rows = []
+
+    def peer_time(case: str, mode: str, name: str) -> str:
+        peer = by_key.get((case, mode, name))
+        return "-" if peer is None else _fmt_time(peer["median_ms"])
+
+    for (case, mode, impl), m in by_key.items():
+        if impl != "fastkd" or mode not in modes:
+            continue
+        pct = None if m["copy_fraction"] is None else 100 * m["copy_fraction"]
+        rows.append([
+            m["loss"], "x".join(map(str, m["shape"])), m["dtype"], m["variant"], mode,
+            _fmt_time(m["median_ms"]), peer_time(case, mode, "eager"),
+            peer_time(case, mode, "compile"),
+            _fmt(m["speedup_vs_eager"], ".2f", "x"), _fmt(m["speedup_vs_compile"], ".2f", "x"),
+            _fmt(pct, ".0f", "%"),
+        ])
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
 def plot(res: Results, path: str | os.PathLike) -> None:
     """GB/s of each implementation per case, one panel per (dtype, mode), with the copy-bandwidth
     roofline; log scale, since launch-bound small cases and large ones differ by orders."""
