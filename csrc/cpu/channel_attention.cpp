@@ -12,10 +12,10 @@
 // Forward: one task per (pair, b, block of channels) computes the block's means of both maps,
 // writes its diff entries and its share of the loss. Each layout is read in its own memory order
 // without a copy: a contiguous NCHW plane is one vectorized sweep (student and teacher planes of
-// one size and dtype side by side, in one loop); a channels_last map is read
-// row by row (C contiguous values per pixel) into per-channel vector accumulators held in
-// registers; any other stride pattern falls back to scalar 4-D addressing. Tasks are spread over
-// threads by their element count (early ResNet stages cost 16x more per task than late ones).
+// one size and dtype side by side, in one loop); a channels_last map is read row by row (C
+// contiguous values per pixel), each row added to the task's per-channel sums; any other stride
+// pattern falls back to scalar 4-D addressing. Tasks are spread over threads by their element
+// count (early ResNet stages cost 16x more per task than late ones).
 // Numerics: float32 accumulation (float64 for float64 maps); each task's loss share is kept in
 // float64 and the shares are summed in task order, so results are bitwise identical whatever the
 // number of threads. Backward: the diff is scaled by grad_output once per (b, c) and broadcast with
@@ -109,24 +109,24 @@ inline acc_t contiguous_sum(const T* x, int64_t n) {
   return hsum(((a0 + a1) + (a2 + a3)) + ((b0 + b1) + (b2 + b3)));
 }
 
-// channels_last: sums over `hw` rows (row p at x + p * P) of NU * unit<T>() contiguous channels,
-// the accumulators kept in registers for the whole sweep.
-template <int NU, typename acc_t, typename T>
-inline void row_sums(const T* x, int64_t hw, int64_t P, acc_t* out) {
+// channels_last: out[0, cc) += row[0, cc) for `hw` rows (row p at x + p * P), in row order. The
+// sums live in `out` (L1-resident: a task covers at most kMaxRowChannels channels), so the rows are
+// read front to back, one sequential stream, whatever cc is.
+template <typename acc_t, typename T>
+inline void add_rows(const T* x, int64_t hw, int64_t P, int64_t cc, acc_t* out) {
   constexpr int64_t U = unit<T>();
-  Vec<acc_t> lo[NU], hi[NU];
-  for (int u = 0; u < NU; ++u) {
-    lo[u] = Vec<acc_t>(0);
-    hi[u] = Vec<acc_t>(0);
-  }
+  constexpr int64_t W = Vec<acc_t>::size();
   for (int64_t p = 0; p < hw; ++p) {
     const T* row = x + p * P;
-    for (int u = 0; u < NU; ++u) add_unit<acc_t>(row + u * U, lo[u], hi[u]);
-  }
-  constexpr int64_t W = Vec<acc_t>::size();
-  for (int u = 0; u < NU; ++u) {
-    lo[u].store(out + u * U);
-    if constexpr (U > W) hi[u].store(out + u * U + W);
+    int64_t j = 0;
+    for (; j + U <= cc; j += U) {
+      Vec<acc_t> lo = Vec<acc_t>::loadu(out + j), hi(0);
+      if constexpr (U > W) hi = Vec<acc_t>::loadu(out + j + W);
+      add_unit<acc_t>(row + j, lo, hi);
+      lo.store(out + j);
+      if constexpr (U > W) hi.store(out + j + W);
+    }
+    for (; j < cc; ++j) out[j] += static_cast<acc_t>(row[j]);
   }
 }
 
@@ -139,35 +139,8 @@ void channel_means(const CaMap& m, int64_t b, int64_t c0, int64_t cc, acc_t* out
   if (m.layout == CaLayout::kPlanar) {
     for (int64_t j = 0; j < cc; ++j) out[j] = contiguous_sum<acc_t>(base + j * m.stride_c, hw) * inv;
   } else if (m.layout == CaLayout::kChannelsLast) {
-    constexpr int64_t U = unit<T>();
-    constexpr int kMaxUnits = 4;
-    const int64_t P = m.pixel_stride;
-    int64_t j = 0;
-    for (; j + kMaxUnits * U <= cc; j += kMaxUnits * U) {
-      row_sums<kMaxUnits, acc_t>(base + j, hw, P, out + j);
-    }
-    switch ((cc - j) / U) {
-      case 3:
-        row_sums<3, acc_t>(base + j, hw, P, out + j);
-        break;
-      case 2:
-        row_sums<2, acc_t>(base + j, hw, P, out + j);
-        break;
-      case 1:
-        row_sums<1, acc_t>(base + j, hw, P, out + j);
-        break;
-      default:
-        break;
-    }
-    j += (cc - j) / U * U;
-    // Fewer than one vector of channels left: a scalar pass over the same rows.
-    if (j < cc) {
-      std::fill(out + j, out + cc, acc_t(0));
-      for (int64_t p = 0; p < hw; ++p) {
-        const T* row = base + p * P;
-        for (int64_t k = j; k < cc; ++k) out[k] += static_cast<acc_t>(row[k]);
-      }
-    }
+    std::fill(out, out + cc, acc_t(0));
+    add_rows<acc_t>(base, hw, m.pixel_stride, cc, out);
     for (int64_t k = 0; k < cc; ++k) out[k] *= inv;
   } else {
     for (int64_t k = 0; k < cc; ++k) {
@@ -260,16 +233,27 @@ void pair_means(const CaMap& s, const CaMap& t, int64_t b, int64_t c0, int64_t c
   channel_means_any<acc_t>(t, b, c0, cc, wt);
 }
 
-// Channels per task: whole rows of channels_last maps need a block of at least 64 channels to
-// use every fetched cache line; planar maps are split finer so that few, large maps still spread
-// over every thread.
+// Channels per task. channels_last: whole pixel rows (up to kMaxRowChannels channels, whose sums
+// stay in L1), so that every task reads its rows as one sequential stream; a batch with fewer than
+// kMinRowTasks such tasks per pair is split into narrower blocks (multiples of 64 channels, every
+// fetched cache line still used whole) so that it spreads over the threads. Planar maps: blocks of
+// about 32k elements, so that few, large maps still spread over every thread. Neither depends on
+// the thread count, which keeps the loss's summation order, and so its bits, fixed.
+constexpr int64_t kMaxRowChannels = 2048;
+constexpr int64_t kMinRowTasks = 64;
+
 inline int64_t channels_per_task(const CaPair& p) {
-  const int64_t cost = p.student.H * p.student.W + p.teacher.H * p.teacher.W;
   const bool rows = p.student.layout == CaLayout::kChannelsLast ||
                     p.teacher.layout == CaLayout::kChannelsLast;
-  int64_t chunk = std::max<int64_t>(rows ? 64 : 1, 32768 / cost);
-  if (rows) chunk = (chunk + 63) / 64 * 64;
-  return std::min(chunk, p.C);
+  if (rows) {
+    int64_t chunk = std::min(p.C, kMaxRowChannels);
+    while (chunk > 64 && p.B * ((p.C + chunk - 1) / chunk) < kMinRowTasks) {
+      chunk = std::max<int64_t>(64, (chunk / 2 + 63) / 64 * 64);
+    }
+    return chunk;
+  }
+  const int64_t cost = p.student.H * p.student.W + p.teacher.H * p.teacher.W;
+  return std::min(std::max<int64_t>(1, 32768 / cost), p.C);
 }
 
 template <typename acc_t>
