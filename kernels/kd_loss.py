@@ -9,8 +9,9 @@ Shapes: student and teachers ``[outer, inner, C]`` (class stride 1; row ``b`` at
 ``(b // inner) * stride(0) + (b % inner) * stride(1)``), labels and row weights ``[rows]``.
 
 One program per row, fp32 math. Sweep 1 runs an online log-sum-exp over ``BLOCK_C``-wide chunks of
-the student and each teacher (the first teacher's sweep also takes the student's statistics), sweep
-2 writes the gradient. When ``C <= BLOCK_C`` a sweep is a single chunk and the re-read hits cache.
+the student, then of each teacher, relative to the running maximum in logit units (subtracted
+before the 1/T scaling, so a large common offset costs no precision); sweep 2 writes the
+gradient. When ``C <= BLOCK_C`` a sweep is a single chunk and the re-read hits cache.
 Weights of exactly 0 skip the teacher's loads and contribute exactly 0 (no 0 * inf).
 """
 
@@ -23,7 +24,8 @@ from torch.library import triton_op, wrap_triton
 
 MAX_TEACHERS = 8
 MAX_TEACHERS_C = tl.constexpr(MAX_TEACHERS)
-# Well below any finite logit / T, so exp(x - m) never meets -inf - (-inf) = NaN.
+# The running maximum's start: below any finite logit, so exp(x - m) never meets -inf - (-inf) =
+# NaN (an all -inf row keeps it, and its exponentials are 0).
 _NEG_BIG = -1.0e30
 
 
@@ -79,7 +81,7 @@ def _kd_loss_fwd_kernel(
     inv_t = 1.0 / temperature
     s_row = _row_ptr(s_ptr, row, inner, s_so, s_si)
 
-    # Per-teacher weights w_k, and log-sum-exp of t_k / T, as small register vectors.
+    # Per-teacher weights w_k as a small register vector.
     w = tl.zeros([MAX_TEACHERS_C], dtype=tl.float32)
     for k in tl.static_range(NUM_T):
         wk = _pick(k, c0, c1, c2, c3, c4, c5, c6, c7)
@@ -94,35 +96,36 @@ def _kd_loss_fwd_kernel(
             v = v * tl.load(ce_rw_ptr + row)
         y = tl.load(labels_ptr + row)
 
-    # Student statistics: max/sum-exp of s/T, of s (CE at T != 1), sum of s (label smoothing).
-    m_q = _NEG_BIG
+    # Student statistics, relative to the row's maximum m_s in logit units: z_q = sum exp((s - m_s)
+    # / T), z_1 = sum exp(s - m_s) (CE at T != 1), the sum of s (label smoothing). Subtracting the
+    # maximum before scaling keeps float32's relative precision for logits with a large common
+    # offset (scaling first would round s / T to the offset's ulp).
+    m_s = _NEG_BIG
     z_q = 0.0
-    m_1 = _NEG_BIG
     z_1 = 0.0
     sum_s = 0.0
     for start in range(0, C, BLOCK_C):
         mask = start + cols < C
         x = tl.load(s_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        u = x * inv_t
-        m_new = tl.maximum(m_q, tl.max(u, 0))
-        z_q = z_q * tl.exp(m_q - m_new) + tl.sum(tl.exp(u - m_new), 0)
-        m_q = m_new
+        m_new = tl.maximum(m_s, tl.max(x, 0))
+        z_q = z_q * tl.exp((m_s - m_new) * inv_t) + tl.sum(tl.exp((x - m_new) * inv_t), 0)
         if HAS_CE:
             if not UNIT_T:
-                m1_new = tl.maximum(m_1, tl.max(x, 0))
-                z_1 = z_1 * tl.exp(m_1 - m1_new) + tl.sum(tl.exp(x - m1_new), 0)
-                m_1 = m1_new
+                z_1 = z_1 * tl.exp(m_s - m_new) + tl.sum(tl.exp(x - m_new), 0)
             if SMOOTH:
                 sum_s += tl.sum(tl.where(mask, x, 0.0), 0)
-    lse_q = m_q + tl.log(z_q)
-    lse_1 = lse_q
+        m_s = m_new
+    log_zq = tl.log(z_q)
+    log_z1 = log_zq
     if HAS_CE:
         if not UNIT_T:
-            lse_1 = m_1 + tl.log(z_1)
+            log_z1 = tl.log(z_1)
 
-    # Teachers: online log-sum-exp of t/T and the cross term sum_c p_c (t_c - s_c) / T.
+    # Teachers: online log-sum-exp of t/T (relative to the maximum m_t, as for the student) and
+    # the cross term sum_c p_c (t_c - s_c), divided by T at the end.
     loss = 0.0
-    lse_t = tl.zeros([MAX_TEACHERS_C], dtype=tl.float32)
+    m_ts = tl.zeros([MAX_TEACHERS_C], dtype=tl.float32)
+    log_zts = tl.zeros([MAX_TEACHERS_C], dtype=tl.float32)
     for k in tl.static_range(NUM_T):
         wk = tl.sum(tl.where(kidx == k, w, 0.0), 0)
         if wk != 0.0:
@@ -138,23 +141,25 @@ def _kd_loss_fwd_kernel(
                 mask = start + cols < C
                 x = tl.load(t_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
                 xs = tl.load(s_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                u = x * inv_t
-                m_new = tl.maximum(m_t, tl.max(u, 0))
-                scale = tl.exp(m_t - m_new)
-                e = tl.exp(u - m_new)
+                m_new = tl.maximum(m_t, tl.max(x, 0))
+                scale = tl.exp((m_t - m_new) * inv_t)
+                e = tl.exp((x - m_new) * inv_t)
                 z_t = z_t * scale + tl.sum(e, 0)
-                cross = cross * scale + tl.sum(tl.where(e > 0.0, e * (x - xs) * inv_t, 0.0), 0)
+                cross = cross * scale + tl.sum(tl.where(e > 0.0, e * (x - xs), 0.0), 0)
                 m_t = m_new
-            lse_k = m_t + tl.log(z_t)
-            loss += wk * temperature * (cross / z_t + lse_q - lse_k)
-            lse_t = tl.where(kidx == k, lse_k, lse_t)
+            log_zt = tl.log(z_t)
+            # lse(s / T) - lse(t / T), its large parts (the maxima) cancelled first.
+            lse_diff = (m_s - m_t) * inv_t + (log_zq - log_zt)
+            loss += wk * temperature * (cross * inv_t / z_t + lse_diff)
+            m_ts = tl.where(kidx == k, m_t, m_ts)
+            log_zts = tl.where(kidx == k, log_zt, log_zts)
 
     eps = label_smoothing
     if HAS_CE:
         if v != 0.0:
             valid = (y >= 0) & (y < C)
             s_y = tl.load(s_row + tl.where(valid, y, 0)).to(tl.float32)
-            ce = lse_1 - (1.0 - eps) * s_y
+            ce = m_s + log_z1 - (1.0 - eps) * s_y
             # Only with smoothing: a masked (-inf) logit makes sum_s -inf, and 0 * -inf is NaN.
             if SMOOTH:
                 ce -= eps / C * sum_s
@@ -171,9 +176,9 @@ def _kd_loss_fwd_kernel(
             offs = start + cols
             mask = offs < C
             x = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            g = w_sum * tl.exp(x * inv_t - lse_q)
+            g = w_sum * tl.exp((x - m_s) * inv_t - log_zq)
             if HAS_CE:
-                sm = tl.exp(x - lse_1)
+                sm = tl.exp(x - m_s - log_z1)
                 target = eps / C + tl.where(offs == y, 1.0 - eps, 0.0)
                 g += v * (sm - target)
             for k in tl.static_range(NUM_T):
@@ -184,9 +189,10 @@ def _kd_loss_fwd_kernel(
                         _pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
                         _pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
                     )
-                    lse_k = tl.sum(tl.where(kidx == k, lse_t, 0.0), 0)
+                    m_t = tl.sum(tl.where(kidx == k, m_ts, 0.0), 0)
+                    log_zt = tl.sum(tl.where(kidx == k, log_zts, 0.0), 0)
                     xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                    g -= wk * tl.exp(xt * inv_t - lse_k)
+                    g -= wk * tl.exp((xt - m_t) * inv_t - log_zt)
             tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 

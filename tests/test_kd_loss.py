@@ -512,6 +512,24 @@ def test_extreme_values(backend, case):
     assert torch.isfinite(loss).all()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+@pytest.mark.parametrize("backend", FUSED)
+def test_common_offset_keeps_gradient_precision(backend, temperature):
+    """Logits with a large common offset (softmax ignores it): the exponentials must see x - max
+    computed before any scaling, so the gradient keeps float32's relative precision instead of
+    losing it to the offset's size (about 1e-4 at |max| / T = 2000 if the offset is folded into
+    the scale)."""
+    rows, c = small(backend, 8), 300
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(rows, c, generator=g) * 3 + 1000
+    t = torch.randn(rows, c, generator=g) * 3 + 1000
+    kw = {"temperature": temperature}
+    _, grad = backend_grad(backend, s, t, **kw)
+    _, ref = reference_grad(s, t, **kw)
+    err = (grad.double() - ref).abs().max() / ref.abs().max()
+    assert err < 2e-5, f"relative gradient error {err:.1e}"
+
+
 @pytest.mark.parametrize("where", ["student", "teacher"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_nan_logit_gives_nan_loss(backend, where):
