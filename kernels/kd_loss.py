@@ -24,9 +24,6 @@ from torch.library import triton_op, wrap_triton
 
 MAX_TEACHERS = 8
 MAX_TEACHERS_C = tl.constexpr(MAX_TEACHERS)
-# The running maximum's start: below any finite logit, so exp(x - m) never meets -inf - (-inf) =
-# NaN (an all -inf row keeps it, and its exponentials are 0).
-_NEG_BIG = -1.0e30
 
 
 @triton.jit
@@ -48,6 +45,19 @@ def _pick(k: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
         return a6
     else:
         return a7
+
+
+@triton.jit
+def _finite_or_zero(m):
+    """A row maximum to subtract, as in the C++ kernel: 0 for a row with no finite maximum (all
+    -inf so far, or +inf), so that exp(x - m) never meets -inf - (-inf) = NaN."""
+    return tl.where((m > float("-inf")) & (m < float("inf")), m, 0.0)
+
+
+@triton.jit
+def _rescaled(z, m_old, m_new, inv_t):
+    """A sum of exp((x - m_old) / T) moved to m_new; 0 while nothing finite has been summed."""
+    return tl.where(z == 0.0, 0.0, z * tl.exp((m_old - m_new) * inv_t))
 
 
 @triton.jit
@@ -100,18 +110,20 @@ def _kd_loss_fwd_kernel(
     # / T), z_1 = sum exp(s - m_s) (CE at T != 1), the sum of s (label smoothing). Subtracting the
     # maximum before scaling keeps float32's relative precision for logits with a large common
     # offset (scaling first would round s / T to the offset's ulp).
-    m_s = _NEG_BIG
+    m_s = 0.0  # _finite_or_zero of the maximum so far
     z_q = 0.0
     z_1 = 0.0
     sum_s = 0.0
+    m_raw = float("-inf")
     for start in range(0, C, BLOCK_C):
         mask = start + cols < C
         x = tl.load(s_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m_s, tl.max(x, 0))
-        z_q = z_q * tl.exp((m_s - m_new) * inv_t) + tl.sum(tl.exp((x - m_new) * inv_t), 0)
+        m_raw = tl.maximum(m_raw, tl.max(x, 0))
+        m_new = _finite_or_zero(m_raw)
+        z_q = _rescaled(z_q, m_s, m_new, inv_t) + tl.sum(tl.exp((x - m_new) * inv_t), 0)
         if HAS_CE:
             if not UNIT_T:
-                z_1 = z_1 * tl.exp(m_s - m_new) + tl.sum(tl.exp(x - m_new), 0)
+                z_1 = _rescaled(z_1, m_s, m_new, 1.0) + tl.sum(tl.exp(x - m_new), 0)
             if SMOOTH:
                 sum_s += tl.sum(tl.where(mask, x, 0.0), 0)
         m_s = m_new
@@ -134,18 +146,21 @@ def _kd_loss_fwd_kernel(
                 _pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
                 _pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
             )
-            m_t = _NEG_BIG
+            m_t = 0.0
+            m_raw = float("-inf")
             z_t = 0.0
             cross = 0.0
             for start in range(0, C, BLOCK_C):
                 mask = start + cols < C
                 x = tl.load(t_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
                 xs = tl.load(s_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                m_new = tl.maximum(m_t, tl.max(x, 0))
-                scale = tl.exp((m_t - m_new) * inv_t)
+                m_raw = tl.maximum(m_raw, tl.max(x, 0))
+                m_new = _finite_or_zero(m_raw)
                 e = tl.exp((x - m_new) * inv_t)
-                z_t = z_t * scale + tl.sum(e, 0)
-                cross = cross * scale + tl.sum(tl.where(e > 0.0, e * (x - xs), 0.0), 0)
+                cross = _rescaled(cross, m_t, m_new, inv_t) + tl.sum(
+                    tl.where(e > 0.0, e * (x - xs), 0.0), 0
+                )
+                z_t = _rescaled(z_t, m_t, m_new, inv_t) + tl.sum(e, 0)
                 m_t = m_new
             log_zt = tl.log(z_t)
             # lse(s / T) - lse(t / T), its large parts (the maxima) cancelled first.
@@ -159,10 +174,11 @@ def _kd_loss_fwd_kernel(
         if v != 0.0:
             valid = (y >= 0) & (y < C)
             s_y = tl.load(s_row + tl.where(valid, y, 0)).to(tl.float32)
-            ce = m_s + log_z1 - (1.0 - eps) * s_y
+            # lse(s) - (1 - eps) s_y - eps / C sum_c s_c, with m_s taken out of the first two.
+            ce = log_z1 + (1.0 - eps) * (m_s - s_y)
             # Only with smoothing: a masked (-inf) logit makes sum_s -inf, and 0 * -inf is NaN.
             if SMOOTH:
-                ce -= eps / C * sum_s
+                ce += eps * (m_s - sum_s / C)
             # An out-of-range label cannot raise on the GPU without a host sync: it makes the
             # loss NaN, loudly, and its row's CE gradient is dropped.
             loss += tl.where(valid, v * ce, float("nan"))
@@ -193,6 +209,8 @@ def _kd_loss_fwd_kernel(
                     log_zt = tl.sum(tl.where(kidx == k, log_zts, 0.0), 0)
                     xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                     g -= wk * tl.exp((xt - m_t) * inv_t - log_zt)
+            # A row that counts nowhere gets exactly 0, even where its statistics are not finite.
+            g = tl.where((w_sum == 0.0) & (v == 0.0), 0.0, g)
             tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 

@@ -156,7 +156,7 @@ def test_append_merges_runs_and_report_reprints(tmp_path, capsys, restore_thread
 
     # The Markdown summary: one row per fastkd measurement of the modes asked for, eager's time
     # beside it where measured, "-" for a peer that was not.
-    assert main(["report", str(out), "--markdown", "fwd"]) == 0
+    assert main(["report", "--markdown", "--mode", "fwd", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("| loss | shape |") and len(lines) == 2 + 2
     cells = {line.split(" | ")[3]: line.split(" | ") for line in lines[2:]}

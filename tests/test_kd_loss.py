@@ -530,6 +530,52 @@ def test_common_offset_keeps_gradient_precision(backend, temperature):
     assert err < 2e-5, f"relative gradient error {err:.1e}"
 
 
+@pytest.mark.parametrize("kw", [{"alpha": 0.5}, {"guided": True}, {"alpha": 0.7, "guided": True}])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_rows_that_count_nowhere_get_zero_whatever_their_values(backend, kw):
+    """Ignored rows (padding) may hold -inf, float32's lowest value or NaN everywhere: they add
+    nothing to the loss and get an exactly zero gradient, on every backend."""
+    c = 37
+    s, t = torch.randn(5, c) * 2, torch.randn(5, c) * 2
+    s[1] = t[1] = -math.inf
+    s[2] = t[2] = torch.finfo(torch.float32).min
+    s[3] = t[3] = math.nan
+    y = torch.tensor([int(t[0].argmax()), IGNORE, IGNORE, IGNORE, int(t[4].argmax())])
+    loss, grad = backend_grad(backend, s, t, y, temperature=2.0, **kw)
+    kept = [0, 4]
+    loss_kept, grad_kept = backend_grad(backend, s[kept], t[kept], y[kept], temperature=2.0, **kw)
+    torch.testing.assert_close(loss, loss_kept, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad[kept], grad_kept, rtol=1e-6, atol=0)
+    assert torch.equal(grad[1:4], torch.zeros(3, c)), grad[1:4]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_lowest_float_row_is_uniform(backend):
+    """A counted row filled with float32's lowest value is a uniform distribution like any other
+    constant row (no running-maximum sentinel may be mistaken for it)."""
+    c = 37
+    s, t = torch.randn(3, c), torch.randn(3, c)
+    s[1] = t[1] = torch.finfo(torch.float32).min
+    loss, grad = check_against_reference(backend, s, t, temperature=2.0, reduction="none")
+    assert loss[1] == 0 and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("kw", [{}, {"alpha": 0.5}, {"alpha": 0.5, "label_smoothing": 0.1}])
+@pytest.mark.parametrize("backend", FUSED)
+def test_common_offset_keeps_loss_precision(backend, kw):
+    """The loss of logits with a large common offset: log-sum-exps are combined with the maxima
+    cancelled first, so the error stays at float32's relative precision of the loss itself."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(6, 200, generator=g) * 3 + 1e4
+    t = torch.randn(6, 200, generator=g) * 3 + 1e4
+    y = torch.randint(0, 200, (6,), generator=g)
+    loss = fastkd.kd_loss(s, t, y, temperature=1.0, backend=backend, **kw)
+    ref = fastkd.reference.kd_loss_ref(s.double(), t.double(), y, temperature=1.0, **kw)
+    # label smoothing averages the raw logits, whose float32 sum is only good to ~1e-7 of 1e4.
+    tol = 1e-4 if "label_smoothing" in kw else 1e-5
+    assert abs(loss.double() - ref) / ref.abs() < tol, (loss.item(), ref.item())
+
+
 @pytest.mark.parametrize("where", ["student", "teacher"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_nan_logit_gives_nan_loss(backend, where):

@@ -207,7 +207,8 @@ void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
     // Student: max, then exp(s/T - max/T) (and exp(s - max) for CE at T != 1) in one sweep.
     const acc_t m_s = finite_or_zero(row_max<acc_t>(s, C));
     const bool need_e1 = v != 0 && !unit_T;
-    V z_s(0), z_1(0), sum_s(0);
+    V z_s(0), z_1(0), sum_s(0);  // sum_s: sum of s - m_s (label smoothing)
+    const V vm_s(m_s);
     const ScaledExp<acc_t> exp_q(inv_T, m_s), exp_1(1, m_s);
     for_blocks<acc_t>(C, [&](int64_t c, int64_t n) {
       const V x = load<acc_t>(s + c, n, kNegInf);
@@ -219,9 +220,12 @@ void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
         z_1 += e1;
         if (has_grad) e1.store(e_1 + c, n);
       }
-      if (v != 0 && eps != 0) sum_s += load<acc_t>(s + c, n, acc_t(0));
+      if (v != 0 && eps != 0) sum_s += load<acc_t>(s + c, n, m_s) - vm_s;
     });
-    const acc_t lse_q = m_s * inv_T + std::log(hsum(z_s));
+    // Log-sum-exps are kept relative to the row maxima (lse(s / T) = m_s / T + log_zs), and the
+    // maxima cancel before anything is added to them: with a large common offset in the logits,
+    // adding the absolute log-sum-exps would round the loss to the offset's ulp.
+    const acc_t log_zs = std::log(hsum(z_s));
     const acc_t z1 = need_e1 ? hsum(z_1) : acc_t(0);
 
     // With one active teacher its exps stay in e_t and are scaled in the gradient sweep; with
@@ -249,7 +253,7 @@ void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
         if (has_grad) e.store(e_t + c, n);
       });
       const acc_t zt = hsum(z_t);
-      const acc_t kl = hsum(cross) * inv_T / zt + lse_q - (m_t * inv_T + std::log(zt));
+      const acc_t kl = hsum(cross) * inv_T / zt + (m_s - m_t) * inv_T + (log_zs - std::log(zt));
       loss += w[k] * T * kl;
       if (has_grad && active > 1) {
         const V coef(w[k] / zt);
@@ -270,9 +274,10 @@ void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
       TORCH_CHECK(y >= 0 && y < C, "fastkd: labels must be in [0, ", C,
                   ") or equal ignore_index (", a.ignore_index, "); row ", b, " has label ", y);
       y_logit = static_cast<acc_t>(s[y]);
-      const acc_t lse_1 = unit_T ? lse_q : m_s + std::log(z1);
+      // CE = lse(s) - (1 - eps) s_y - eps / C sum_c s_c, with m_s taken out of every term.
+      const acc_t log_z1 = unit_T ? log_zs : std::log(z1);
       const acc_t smooth = eps != 0 ? eps / static_cast<acc_t>(C) * hsum(sum_s) : acc_t(0);
-      loss += v * (lse_1 - (acc_t(1) - eps) * y_logit - smooth);
+      loss += v * (log_z1 + (acc_t(1) - eps) * (m_s - y_logit) - smooth);
     }
     row_loss[b] = loss;
 

@@ -174,11 +174,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--plot", metavar="PATH", help="write a PNG plot to PATH")
     r.add_argument(
         "--markdown",
-        nargs="*",
-        choices=MODES,
-        metavar="MODE",
+        action="store_true",
         help="print a Markdown summary instead (fastkd beside eager and torch.compile, one row "
-        "per case) of the given modes (default: fwdbwd)",
+        "per case)",
+    )
+    r.add_argument(
+        "--mode",
+        action="append",
+        choices=MODES,
+        help="a mode in the --markdown summary; repeat for several (default: fwdbwd)",
     )
     r.set_defaults(func=run_report, parser=r)
 
@@ -330,8 +334,8 @@ def run_report(args: argparse.Namespace) -> int:
         res = Results.load(args.json)
     except (OSError, ValueError, KeyError) as e:
         args.parser.error(f"cannot read {args.json}: {e}")
-    if args.markdown is not None:
-        print(markdown(res, tuple(args.markdown) or ("fwdbwd",)))
+    if args.markdown:
+        print(markdown(res, tuple(args.mode or ["fwdbwd"])))
     else:
         print(table(res))
     if args.plot:

@@ -62,18 +62,23 @@ def kd_loss_ref(
             n = n * classes
         return per_row.sum() / n
 
+    # Rows that count nowhere are replaced by zeros before any softmax: their loss is dropped
+    # anyway, and an all -inf (padding) or NaN row would otherwise send NaN into the gradient
+    # through the backward of the `where` that drops it.
+    s = torch.where(counted[:, None], s, 0.0)
     log_q = F.log_softmax(s / T, dim=-1)
     kd_weight = 1.0 if alpha is None else float(alpha)
     per_row = torch.zeros(rows, dtype=acc, device=s.device)
     total = torch.zeros((), dtype=acc, device=s.device)
     for t, w in zip(teachers, weights, strict=True):
         t = t.detach().reshape(-1, classes).to(acc)
+        kept = counted if not guided else counted & (t.argmax(-1) == y)
+        t = torch.where(kept[:, None], t, 0.0)  # as for s above
         log_p = F.log_softmax(t / T, dim=-1)
         p = log_p.exp()
         # 0 * log 0 = 0: classes the teacher rules out (p = 0, e.g. -inf logits) contribute
         # nothing. Tested as p == 0, not p > 0, so that a NaN p still makes the row NaN.
         kl = torch.where(p == 0, 0.0, p * (log_p - log_q)).sum(-1)
-        kept = counted if not guided else counted & (t.argmax(-1) == y)
         term = torch.where(kept, T * T * kl, 0.0)
         per_row = per_row + kd_weight * w * term
         total = total + kd_weight * w * reduce(term, kept, per_class=True)
