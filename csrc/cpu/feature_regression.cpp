@@ -40,6 +40,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/dtype_dispatch.h"
 #include "feature_regression.h"
 
 namespace fastkd {
@@ -468,30 +469,7 @@ void feature_regression_kernel(const RegressionPair* pairs, int64_t num_pairs, i
     if (p == 1) return run_plain<1, acc_t, S, T>(pairs, num_pairs, pair_sum);
     return run_plain<2, acc_t, S, T>(pairs, num_pairs, pair_sum);
   };
-  auto with_teacher = [&](auto student_tag) {
-    switch (teacher_dtype) {
-      case c10::ScalarType::Float:
-        return run(student_tag, float{});
-      case c10::ScalarType::BFloat16:
-        return run(student_tag, c10::BFloat16{});
-      case c10::ScalarType::Half:
-        return run(student_tag, c10::Half{});
-      default:
-        TORCH_CHECK(false, "fastkd: unsupported teacher dtype ", teacher_dtype);
-    }
-  };
-  switch (student_dtype) {
-    case c10::ScalarType::Double:
-      return run(double{}, double{});
-    case c10::ScalarType::Float:
-      return with_teacher(float{});
-    case c10::ScalarType::BFloat16:
-      return with_teacher(c10::BFloat16{});
-    case c10::ScalarType::Half:
-      return with_teacher(c10::Half{});
-    default:
-      TORCH_CHECK(false, "fastkd: unsupported student dtype ", student_dtype);
-  }
+  dispatch_student_teacher(student_dtype, teacher_dtype, run);
 }
 
 }  // namespace CPU_CAPABILITY

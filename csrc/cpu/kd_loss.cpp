@@ -33,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/dtype_dispatch.h"
 #include "kd_loss.h"
 
 namespace fastkd {
@@ -316,30 +317,7 @@ void kd_loss_kernel(const KDLossArgs& a, c10::ScalarType student_dtype,
     at::parallel_for(0, a.rows, grain,
                      [&](int64_t begin, int64_t end) { kd_loss_rows<S, T>(a, begin, end); });
   };
-  auto with_teacher = [&](auto student_tag) {
-    switch (teacher_dtype) {
-      case c10::ScalarType::Float:
-        return run(student_tag, float{});
-      case c10::ScalarType::BFloat16:
-        return run(student_tag, c10::BFloat16{});
-      case c10::ScalarType::Half:
-        return run(student_tag, c10::Half{});
-      default:
-        TORCH_CHECK(false, "fastkd: unsupported teacher dtype ", teacher_dtype);
-    }
-  };
-  switch (student_dtype) {
-    case c10::ScalarType::Double:
-      return run(double{}, double{});
-    case c10::ScalarType::Float:
-      return with_teacher(float{});
-    case c10::ScalarType::BFloat16:
-      return with_teacher(c10::BFloat16{});
-    case c10::ScalarType::Half:
-      return with_teacher(c10::Half{});
-    default:
-      TORCH_CHECK(false, "fastkd: unsupported student dtype ", student_dtype);
-  }
+  dispatch_student_teacher(student_dtype, teacher_dtype, run);
 }
 
 }  // namespace CPU_CAPABILITY
