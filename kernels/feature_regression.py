@@ -31,6 +31,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .._inputs import same_layout, sample_blocked
+from ._common import pick
 
 MAX_PAIRS = 8
 EPS = 1e-12
@@ -39,27 +40,6 @@ _HALF_MAX = 65504.0
 _PLAIN_BLOCK = 2048
 _PLAIN_BLOCKS = 4
 _NORM_BLOCK = 4096
-
-
-@triton.jit
-def _pick(k: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
-    """The k-th of eight arguments, k known at compile time."""
-    if k == 0:
-        return a0
-    elif k == 1:
-        return a1
-    elif k == 2:
-        return a2
-    elif k == 3:
-        return a3
-    elif k == 4:
-        return a4
-    elif k == 5:
-        return a5
-    elif k == 6:
-        return a6
-    else:
-        return a7
 
 
 @triton.jit
@@ -182,14 +162,14 @@ def _feature_regression_fwd_kernel(
     # Pair k owns programs [f_k, e_k); n_k is its numel (plain) or sample length D (normalized).
     pid = tl.program_id(0)
     for k in tl.static_range(NUM_PAIRS):
-        first = _pick(k, f0, f1, f2, f3, f4, f5, f6, f7)
-        end = _pick(k, e0, e1, e2, e3, e4, e5, e6, e7)
+        first = pick(k, f0, f1, f2, f3, f4, f5, f6, f7)
+        end = pick(k, e0, e1, e2, e3, e4, e5, e6, e7)
         if (pid >= first) & (pid < end):
-            s_ptr = _pick(k, s0, s1, s2, s3, s4, s5, s6, s7)
-            t_ptr = _pick(k, t0, t1, t2, t3, t4, t5, t6, t7)
-            g_ptr = _pick(k, g0, g1, g2, g3, g4, g5, g6, g7)
-            n = _pick(k, n0, n1, n2, n3, n4, n5, n6, n7)
-            scale = _pick(k, c0, c1, c2, c3, c4, c5, c6, c7)
+            s_ptr = pick(k, s0, s1, s2, s3, s4, s5, s6, s7)
+            t_ptr = pick(k, t0, t1, t2, t3, t4, t5, t6, t7)
+            g_ptr = pick(k, g0, g1, g2, g3, g4, g5, g6, g7)
+            n = pick(k, n0, n1, n2, n3, n4, n5, n6, n7)
+            scale = pick(k, c0, c1, c2, c3, c4, c5, c6, c7)
             if NORMALIZE:
                 part = _normalized_sample(s_ptr, t_ptr, g_ptr, pid - first, n, scale, P,
                                           (GRAD_MASK >> k) & 1, BLOCK)

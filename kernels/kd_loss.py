@@ -22,29 +22,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._common import pick
+
 MAX_TEACHERS = 8
 MAX_TEACHERS_C = tl.constexpr(MAX_TEACHERS)
-
-
-@triton.jit
-def _pick(k: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
-    """The k-th of eight arguments, k known at compile time."""
-    if k == 0:
-        return a0
-    elif k == 1:
-        return a1
-    elif k == 2:
-        return a2
-    elif k == 3:
-        return a3
-    elif k == 4:
-        return a4
-    elif k == 5:
-        return a5
-    elif k == 6:
-        return a6
-    else:
-        return a7
 
 
 @triton.jit
@@ -94,7 +75,7 @@ def _kd_loss_fwd_kernel(
     # Per-teacher weights w_k as a small register vector.
     w = tl.zeros([MAX_TEACHERS_C], dtype=tl.float32)
     for k in tl.static_range(NUM_T):
-        wk = _pick(k, c0, c1, c2, c3, c4, c5, c6, c7)
+        wk = pick(k, c0, c1, c2, c3, c4, c5, c6, c7)
         if HAS_KD_RW:
             wk = wk * tl.load(kd_rw_ptr + k * kd_rw_stride + row)
         w = tl.where(kidx == k, wk, w)
@@ -142,9 +123,9 @@ def _kd_loss_fwd_kernel(
         wk = tl.sum(tl.where(kidx == k, w, 0.0), 0)
         if wk != 0.0:
             t_row = _row_ptr(
-                _pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
-                _pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
-                _pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
+                pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
+                pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
+                pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
             )
             m_t = 0.0
             m_raw = float("-inf")
@@ -201,9 +182,9 @@ def _kd_loss_fwd_kernel(
                 wk = tl.sum(tl.where(kidx == k, w, 0.0), 0)
                 if wk != 0.0:
                     t_row = _row_ptr(
-                        _pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
-                        _pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
-                        _pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
+                        pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
+                        pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
+                        pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
                     )
                     m_t = tl.sum(tl.where(kidx == k, m_ts, 0.0), 0)
                     log_zt = tl.sum(tl.where(kidx == k, log_zts, 0.0), 0)

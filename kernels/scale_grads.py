@@ -16,30 +16,10 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .._inputs import sample_blocked
+from ._common import pick
 
 MAX_TENSORS = 8
 _BLOCK = 4096
-
-
-@triton.jit
-def _pick(k: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
-    """The k-th of eight arguments, k known at compile time."""
-    if k == 0:
-        return a0
-    elif k == 1:
-        return a1
-    elif k == 2:
-        return a2
-    elif k == 3:
-        return a3
-    elif k == 4:
-        return a4
-    elif k == 5:
-        return a5
-    elif k == 6:
-        return a6
-    else:
-        return a7
 
 
 @triton.jit
@@ -55,10 +35,10 @@ def _scale_grads_kernel(
     f = tl.load(go_ptr).to(tl.float32)
     if f != 1.0:
         for k in tl.static_range(NUM):
-            first = _pick(k, f0, f1, f2, f3, f4, f5, f6, f7)
-            n = _pick(k, n0, n1, n2, n3, n4, n5, n6, n7)
+            first = pick(k, f0, f1, f2, f3, f4, f5, f6, f7)
+            n = pick(k, n0, n1, n2, n3, n4, n5, n6, n7)
             if (pid >= first) & (pid < first + tl.cdiv(n, BLOCK)):
-                g_ptr = _pick(k, g0, g1, g2, g3, g4, g5, g6, g7)
+                g_ptr = pick(k, g0, g1, g2, g3, g4, g5, g6, g7)
                 offs = (pid - first).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
                 mask = offs < n
                 g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
