@@ -188,3 +188,72 @@ class LossBench(abc.ABC):
     @abc.abstractmethod
     def reference(self, case: Case, inputs: Inputs) -> float | None:
         """The loss in float32 or better, to check every implementation's value; None to skip."""
+
+
+def fastkd_impls(
+    sel: Selection,
+    choose: Callable[[str], str],
+    make: Callable[[str], Callable[..., torch.Tensor]],
+) -> list[Impl | Skip]:
+    """fastkd with backend "auto", then with each backend the selection asks for: ``choose(b)``
+    resolves a requested backend (raising ValueError with the reason when it cannot run),
+    ``make(backend)`` returns the loss function on it. A backend that is what "auto" chose is
+    skipped as already measured."""
+    out: list[Impl | Skip] = []
+    auto = None
+    for requested in ("auto", *[b for b in sel.backends if b != "auto"]):
+        name = "fastkd" if requested == "auto" else f"fastkd-{requested}"
+        try:
+            backend = choose(requested)
+        except ValueError as e:
+            out.append(Skip(name, str(e)))
+            continue
+        if requested == "auto":
+            auto = backend
+        elif backend == auto:
+            out.append(Skip(name, f"measured as fastkd: backend auto chose {backend}"))
+            continue
+        out.append(Impl(name, constant(make(backend)), backend))
+    return out
+
+
+def peer_impls(
+    loss: str,
+    sel: Selection,
+    eager: Callable[..., torch.Tensor],
+    liger: Callable[[], Impl | Skip],
+) -> list[Impl | Skip]:
+    """The peers the selection asks for: `eager`, ``torch.compile`` of it (default mode and
+    max-autotune) and Liger-Kernel's form from ``liger()``."""
+    out: list[Impl | Skip] = []
+    for peer in sel.peers:
+        if peer == "eager":
+            out.append(Impl("eager", constant(eager)))
+        elif peer == "compile":
+            out.append(Impl("compile", compiled(eager, None)))
+        elif peer == "compile-max-autotune":
+            # Without CUDA graphs: their static input buffers would add a copy of every
+            # (rotated) input to each call, which is not the loss's cost.
+            out.append(Impl(peer, compiled(eager, "max-autotune-no-cudagraphs")))
+        elif peer == "liger":
+            out.append(liger())
+        else:
+            raise ValueError(f"{loss}: unknown peer {peer!r}")
+    return out
+
+
+def compiled(fn: Callable[..., torch.Tensor], mode: str | None):
+    """An ``Impl.build`` compiling `fn` in `mode`."""
+
+    def build():
+        # A clean cache per (case, mode): the compiled graph is specialised to this case alone,
+        # and no earlier case counts towards dynamo's recompile limit.
+        torch._dynamo.reset()
+        return torch.compile(fn, mode=mode, dynamic=False)
+
+    return build
+
+
+def constant(fn: Callable[..., torch.Tensor]):
+    """An ``Impl.build`` returning `fn` itself."""
+    return lambda: fn

@@ -32,7 +32,7 @@ import torch
 import fastkd
 from fastkd.functional.channel_attention import _choose_backend
 
-from ._core import Case, Impl, Inputs, LossBench, Selection, Skip
+from ._core import Case, Impl, Inputs, LossBench, Selection, Skip, fastkd_impls, peer_impls
 
 VARIANTS = {
     "stages": "4 ResNet stages from this shape (C x2, H, W /2 per stage), NCHW, one call",
@@ -65,15 +65,6 @@ def fastkd_channel_attention(backend: str):
     return channel_attention_fastkd
 
 
-def compiled(fn, mode: str | None):
-    def build():
-        # A clean cache per (case, mode), as for the KD cases.
-        torch._dynamo.reset()
-        return torch.compile(fn, mode=mode, dynamic=False)
-
-    return build
-
-
 class ChannelAttentionBench(LossBench):
     name = "channel_attention"
     variants = VARIANTS
@@ -98,36 +89,11 @@ class ChannelAttentionBench(LossBench):
         return Inputs((students, teachers), students if requires_grad else ())
 
     def impls(self, case: Case, sel: Selection) -> list[Impl | Skip]:
-        out: list[Impl | Skip] = []
         probe = torch.empty((1, 1, 1, 1), dtype=case.torch_dtype, device=sel.device)
-        auto = None
-        for requested in ("auto", *[b for b in sel.backends if b != "auto"]):
-            name = "fastkd" if requested == "auto" else f"fastkd-{requested}"
-            try:
-                backend = _choose_backend([probe], requested)
-            except ValueError as e:
-                out.append(Skip(name, str(e)))
-                continue
-            if requested == "auto":
-                auto = backend
-            elif backend == auto:
-                out.append(Skip(name, f"measured as fastkd: backend auto chose {backend}"))
-                continue
-            out.append(Impl(name, _const(fastkd_channel_attention(backend)), backend))
-        for peer in sel.peers:
-            if peer == "eager":
-                out.append(Impl("eager", _const(eager_channel_attention)))
-            elif peer == "compile":
-                out.append(Impl("compile", compiled(eager_channel_attention, None)))
-            elif peer == "compile-max-autotune":
-                out.append(
-                    Impl(peer, compiled(eager_channel_attention, "max-autotune-no-cudagraphs"))
-                )
-            elif peer == "liger":
-                out.append(Skip("liger", "Liger-Kernel has no channel-attention loss"))
-            else:
-                raise ValueError(f"channel_attention: unknown peer {peer!r}")
-        return out
+        no_liger = Skip("liger", "Liger-Kernel has no channel-attention loss")
+        return fastkd_impls(
+            sel, lambda b: _choose_backend([probe], b), fastkd_channel_attention
+        ) + peer_impls(self.name, sel, eager_channel_attention, lambda: no_liger)
 
     def min_bytes(self, case: Case, mode: str) -> int:
         e = torch.tensor([], dtype=case.torch_dtype).element_size()
@@ -147,10 +113,6 @@ class ChannelAttentionBench(LossBench):
                 [s.detach() for s in students], list(teachers)
             )
         return float(loss)
-
-
-def _const(fn):
-    return lambda: fn
 
 
 BENCH = ChannelAttentionBench()

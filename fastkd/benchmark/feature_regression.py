@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import fastkd
 from fastkd.functional.feature_regression import _choose_backend
 
-from ._core import Case, Impl, Inputs, LossBench, Selection, Skip
+from ._core import Case, Impl, Inputs, LossBench, Selection, Skip, fastkd_impls, peer_impls
 
 STAGES = 4
 # Stage variants run on these shapes unless shapes are given on the command line.
@@ -112,15 +112,6 @@ def fastkd_regression(v: Variant, backend: str):
     return feature_regression_fastkd
 
 
-def compiled(fn, mode: str | None):
-    def build():
-        # A clean cache per (case, mode): the compiled graph is specialised to this case alone.
-        torch._dynamo.reset()
-        return torch.compile(fn, mode=mode, dynamic=False)
-
-    return build
-
-
 class FeatureRegressionBench(LossBench):
     name = "feature_regression"
     variants = {name: v.description for name, v in VARIANTS.items()}
@@ -166,35 +157,11 @@ class FeatureRegressionBench(LossBench):
 
     def impls(self, case: Case, sel: Selection) -> list[Impl | Skip]:
         v = VARIANTS[case.variant]
-        out: list[Impl | Skip] = []
         probe = [torch.empty((1, 1), dtype=case.torch_dtype, device=sel.device)]
-        auto = None
-        for requested in ("auto", *[b for b in sel.backends if b != "auto"]):
-            name = "fastkd" if requested == "auto" else f"fastkd-{requested}"
-            try:
-                backend = _choose_backend(probe, requested)
-            except ValueError as e:
-                out.append(Skip(name, str(e)))
-                continue
-            if requested == "auto":
-                auto = backend
-            elif backend == auto:
-                out.append(Skip(name, f"measured as fastkd: backend auto chose {backend}"))
-                continue
-            out.append(Impl(name, _const(fastkd_regression(v, backend)), backend))
-        eager = eager_regression(v)
-        for peer in sel.peers:
-            if peer == "eager":
-                out.append(Impl("eager", _const(eager)))
-            elif peer == "compile":
-                out.append(Impl("compile", compiled(eager, None)))
-            elif peer == "compile-max-autotune":
-                out.append(Impl(peer, compiled(eager, "max-autotune-no-cudagraphs")))
-            elif peer == "liger":
-                out.append(Skip("liger", "Liger-Kernel has no feature-regression loss"))
-            else:
-                raise ValueError(f"feature_regression: unknown peer {peer!r}")
-        return out
+        no_liger = Skip("liger", "Liger-Kernel has no feature-regression loss")
+        return fastkd_impls(
+            sel, lambda b: _choose_backend(probe, b), lambda backend: fastkd_regression(v, backend)
+        ) + peer_impls(self.name, sel, eager_regression(v), lambda: no_liger)
 
     def min_bytes(self, case: Case, mode: str) -> int:
         e = torch.tensor([], dtype=case.torch_dtype).element_size()
@@ -217,10 +184,6 @@ class FeatureRegressionBench(LossBench):
                 [s.detach() for s in students], list(teachers), p=v.p, normalize=v.normalize
             )
         return float(loss)
-
-
-def _const(fn):
-    return lambda: fn
 
 
 BENCH = FeatureRegressionBench()

@@ -31,7 +31,17 @@ import torch.nn.functional as F
 import fastkd
 from fastkd.functional.kd_loss import _choose_backend
 
-from ._core import Case, Impl, Inputs, LossBench, Selection, Skip
+from ._core import (
+    Case,
+    Impl,
+    Inputs,
+    LossBench,
+    Selection,
+    Skip,
+    constant,
+    fastkd_impls,
+    peer_impls,
+)
 
 LABEL_BYTES = 8
 # Above this many logits per tensor the float32 reference check is skipped: its temporaries would
@@ -120,16 +130,6 @@ def fastkd_kd(variant: Variant, backend: str):
     return kd_loss_fastkd
 
 
-def compiled(fn, mode: str | None):
-    def build():
-        # A clean cache per (case, mode): the compiled graph is specialised to this case alone,
-        # and no earlier case counts towards dynamo's recompile limit.
-        torch._dynamo.reset()
-        return torch.compile(fn, mode=mode, dynamic=False)
-
-    return build
-
-
 class KDLossBench(LossBench):
     name = "kd_loss"
     variants = {name: v.description for name, v in VARIANTS.items()}
@@ -157,37 +157,12 @@ class KDLossBench(LossBench):
 
     def impls(self, case: Case, sel: Selection) -> list[Impl | Skip]:
         v = VARIANTS[case.variant]
-        out: list[Impl | Skip] = []
         probe = torch.empty(0, dtype=case.torch_dtype, device=sel.device)
-        auto = None
-        for requested in ("auto", *[b for b in sel.backends if b != "auto"]):
-            name = "fastkd" if requested == "auto" else f"fastkd-{requested}"
-            try:
-                backend = _choose_backend(probe, [probe] * v.teachers, requested)
-            except ValueError as e:
-                out.append(Skip(name, str(e)))
-                continue
-            if requested == "auto":
-                auto = backend
-            elif backend == auto:
-                out.append(Skip(name, f"measured as fastkd: backend auto chose {backend}"))
-                continue
-            out.append(Impl(name, _const(fastkd_kd(v, backend)), backend))
-        eager = eager_kd(v)
-        for peer in sel.peers:
-            if peer == "eager":
-                out.append(Impl("eager", _const(eager)))
-            elif peer == "compile":
-                out.append(Impl("compile", compiled(eager, None)))
-            elif peer == "compile-max-autotune":
-                # Without CUDA graphs: their static input buffers would add a copy of every
-                # (rotated) input to each call, which is not the loss's cost.
-                out.append(Impl(peer, compiled(eager, "max-autotune-no-cudagraphs")))
-            elif peer == "liger":
-                out.append(self._liger(v, sel.device))
-            else:
-                raise ValueError(f"kd_loss: unknown peer {peer!r}")
-        return out
+        return fastkd_impls(
+            sel,
+            lambda b: _choose_backend(probe, [probe] * v.teachers, b),
+            lambda backend: fastkd_kd(v, backend),
+        ) + peer_impls(self.name, sel, eager_kd(v), lambda: self._liger(v, sel.device))
 
     @staticmethod
     def _liger(v: Variant, device: str) -> Impl | Skip:
@@ -199,7 +174,7 @@ class KDLossBench(LossBench):
             fn = liger_kd(v)
         except ImportError as e:
             return Skip("liger", f"liger_kernel is not importable ({e})")
-        return Impl("liger", _const(fn))
+        return Impl("liger", constant(fn))
 
     def min_bytes(self, case: Case, mode: str) -> int:
         v = VARIANTS[case.variant]
@@ -229,10 +204,6 @@ class KDLossBench(LossBench):
                 guided=v.guided,
             )
         return float(loss)
-
-
-def _const(fn):
-    return lambda: fn
 
 
 BENCH = KDLossBench()
