@@ -106,7 +106,7 @@ def _cuda_arch_flags() -> list[str]:
 
 def extensions():
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
-    sources = ["csrc/fastkd.cpp", "csrc/autograd.cpp"] + cpu_sources
+    sources = ["csrc/fastkd.cpp", "csrc/autograd.cpp", "csrc/block_cache.cpp"] + cpu_sources
     sources += _capability_wrappers(cpu_sources)
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]

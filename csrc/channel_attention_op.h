@@ -11,6 +11,7 @@
 #include <cmath>
 #include <vector>
 
+#include "block_cache.h"
 #include "channel_attention.h"
 #include "checks.h"
 
@@ -124,7 +125,7 @@ inline std::vector<CaGrad> prepare_channel_attention_bwd(at::TensorList diffs,
                 "fastkd: diff ", i, " must be a contiguous [", B, ", ", C, "] tensor, got shape ",
                 d.sizes());
     const bool cl = channels_last.get(i) && C > 1 && H * W > 1;
-    grads.push_back(at::empty({B, C, H, W},
+    grads.push_back(empty_output({B, C, H, W},
                               d.options().dtype(dtype).memory_format(
                                   cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous)));
     CaGrad& g = out[i];

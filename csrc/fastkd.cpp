@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "block_cache.h"
+
 TORCH_LIBRARY(fastkd, m) {
   // Soft-target cross-entropy family (Hinton KD, CE-mixed KD, guided KD, teacher cohorts), one
   // pass per row. See csrc/cpu/kd_loss.cpp for the exact contract of every argument.
@@ -45,7 +47,38 @@ TORCH_LIBRARY(fastkd, m) {
   m.def("scale_grads_(Tensor(a!)[] grads, Tensor grad_output) -> ()");
 }
 
-static PyModuleDef fastkd_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// The CPU block cache's controls (fastkd.memory wraps them).
+static PyObject* cpu_cache_info(PyObject*, PyObject*) {
+  const fastkd::BlockCacheInfo info = fastkd::block_cache_info();
+  return Py_BuildValue("(LLLL)", static_cast<long long>(info.cached_bytes),
+                       static_cast<long long>(info.limit_bytes), static_cast<long long>(info.hits),
+                       static_cast<long long>(info.misses));
+}
+
+static PyObject* set_cpu_cache_limit(PyObject*, PyObject* arg) {
+  const long long bytes = PyLong_AsLongLong(arg);
+  if (bytes == -1 && PyErr_Occurred()) return nullptr;
+  if (bytes < 0) {
+    PyErr_Format(PyExc_ValueError, "the CPU cache limit must be >= 0 bytes, got %lld", bytes);
+    return nullptr;
+  }
+  fastkd::set_block_cache_limit(bytes);
+  Py_RETURN_NONE;
+}
+
+static PyObject* empty_cpu_cache(PyObject*, PyObject*) {
+  fastkd::empty_block_cache();
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef fastkd_methods[] = {
+    {"cpu_cache_info", cpu_cache_info, METH_NOARGS,
+     "(cached_bytes, limit_bytes, hits, misses) of the CPU block cache"},
+    {"set_cpu_cache_limit", set_cpu_cache_limit, METH_O, "sets the CPU block cache's limit"},
+    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "releases every cached CPU block"},
+    {nullptr, nullptr, 0, nullptr}};
+
+static PyModuleDef fastkd_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, fastkd_methods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* module = PyModule_Create(&fastkd_module);

@@ -6,12 +6,12 @@
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
 #include <vector>
 
+#include "block_cache.h"
 #include "checks.h"
 #include "feature_regression.h"
 
@@ -96,7 +96,7 @@ inline RegressionCall prepare_feature_regression(at::TensorList students, at::Te
     pair.loss_scale = mean ? weights[i] / static_cast<double>(s.numel()) : weights[i];
     if (compute_grad.get(i)) {
       // Dense inputs keep their exact strides, so the gradient has the student's layout.
-      grads.push_back(at::empty_like(s));
+      grads.push_back(empty_output_like(s));
       pair.grad = grads.back().data_ptr();
     } else {
       grads.push_back(at::empty({0}, s.options()));

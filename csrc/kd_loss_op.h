@@ -9,6 +9,7 @@
 
 #include <cmath>
 
+#include "block_cache.h"
 #include "checks.h"
 #include "kd_loss.h"
 
@@ -104,7 +105,7 @@ inline KDLossArgs prepare_kd_loss(const at::Tensor& student, at::TensorList teac
   out.row_loss = at::empty({rows}, student.options().dtype(acc_dtype));
   a.row_loss = out.row_loss.data_ptr();
   if (compute_grad) {
-    out.grad = at::empty(student.sizes(), student.options());
+    out.grad = empty_output(student.sizes(), student.options());
     a.grad = out.grad.data_ptr();
   } else {
     out.grad = at::empty({0}, student.options());

@@ -9,6 +9,7 @@ maps onto teacher maps (FitNet hints, neighbourhood distillation, FEED), all sta
 """
 
 from . import (
+    memory,
     nn,
     ops,  # noqa: F401  (registers fake and autograd implementations)
     reference,
@@ -21,6 +22,7 @@ __all__ = [
     "channel_attention_loss",
     "feature_regression_loss",
     "kd_loss",
+    "memory",
     "nn",
     "reference",
     "__version__",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..memory import cpu_cache_info
 from . import available_losses, load_loss
 from ._core import DTYPES, MODES, PEERS, Selection, parse_shape, shape_str
 from ._report import Results, environment, markdown, now, plot, table
@@ -32,6 +33,13 @@ examples:
   python -m fastkd report kd.json --plot kd.png       table and plot of saved results
 """
 
+
+
+def _block_cache_limit() -> int | None:
+    try:
+        return cpu_cache_info()["limit_bytes"]
+    except RuntimeError:  # the extension did not load; the fastkd[cpu] rows are skipped then
+        return None
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
@@ -307,6 +315,9 @@ def run_bench(args: argparse.Namespace) -> int:
                 if device == "cuda"
                 else None,
                 "threads": torch.get_num_threads(),
+                # fastkd's own CPU outputs reuse freed blocks up to this many bytes (fastkd.memory;
+                # FASTKD_CPU_CACHE_MB=0 times them with fresh memory, as the peers get it).
+                "fastkd_cpu_block_cache_bytes": _block_cache_limit(),
             },
             "copy_bandwidth": copy,
         }
