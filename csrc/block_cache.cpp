@@ -40,7 +40,10 @@ class BlockCache final : public c10::Allocator {
     Block* block = take(nbytes);
     if (block == nullptr) {
       block = new Block{c10::alloc_cpu(nbytes), nbytes};
+      std::lock_guard<std::mutex> lock(mutex_);
+      in_use_ += static_cast<int64_t>(nbytes);
     }
+    report(block->ptr, static_cast<int64_t>(block->size));
     return {block->ptr, block, &BlockCache::on_free, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -87,13 +90,29 @@ class BlockCache final : public c10::Allocator {
     by_size_.erase(it);
     lru_.erase(block->lru_pos);
     cached_ -= static_cast<int64_t>(block->size);
+    in_use_ += static_cast<int64_t>(block->size);
     ++hits_;
     return block;
   }
 
-  void give_back(Block* block) {
+  // torch.profiler(profile_memory=True) sees these blocks as it sees the default allocator's.
+  void report(void* ptr, int64_t delta) {
+    int64_t in_use, cached;
     {
       std::lock_guard<std::mutex> lock(mutex_);
+      in_use = in_use_;
+      cached = cached_;
+    }
+    c10::reportMemoryUsageToProfiler(ptr, delta, static_cast<size_t>(in_use),
+                                     static_cast<size_t>(in_use + cached),
+                                     c10::Device(c10::DeviceType::CPU));
+  }
+
+  void give_back(Block* block) {
+    report(block->ptr, -static_cast<int64_t>(block->size));
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      in_use_ -= static_cast<int64_t>(block->size);
       if (static_cast<int64_t>(block->size) <= limit_) {
         lru_.push_front(block);
         block->lru_pos = lru_.begin();
@@ -127,7 +146,8 @@ class BlockCache final : public c10::Allocator {
   std::mutex mutex_;
   std::list<Block*> lru_;  // most recently freed first
   std::multimap<size_t, Block*> by_size_;
-  int64_t cached_ = 0;
+  int64_t cached_ = 0;  // bytes in freed blocks
+  int64_t in_use_ = 0;  // bytes in blocks handed out
   int64_t limit_;
   int64_t hits_ = 0;
   int64_t misses_ = 0;

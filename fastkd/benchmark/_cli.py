@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -33,6 +34,15 @@ examples:
   python -m fastkd report kd.json --plot kd.png       table and plot of saved results
 """
 
+
+
+# Environment variables that change what a run measures (allocator, threads, kernels chosen).
+_TIMING_ENV_PREFIXES = ("MALLOC_", "FASTKD_", "ATEN_", "OMP_", "MKL_", "THP_", "TRITON_",
+                        "CUDA_", "LD_PRELOAD", "PYTORCH_")
+
+
+def _timing_env() -> dict[str, str]:
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(_TIMING_ENV_PREFIXES)}
 
 
 def _block_cache_limit() -> int | None:
@@ -318,6 +328,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 # fastkd's own CPU outputs reuse freed blocks up to this many bytes (fastkd.memory;
                 # FASTKD_CPU_CACHE_MB=0 times them with fresh memory, as the peers get it).
                 "fastkd_cpu_block_cache_bytes": _block_cache_limit(),
+                "environment_variables": _timing_env(),
             },
             "copy_bandwidth": copy,
         }
