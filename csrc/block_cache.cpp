@@ -7,18 +7,24 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
+#include <pthread.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <list>
 #include <map>
 #include <mutex>
-#include <string>
+#include <new>
+#include <unordered_map>
+#include <vector>
 
 namespace fastkd {
 namespace {
 
 int64_t limit_from_env() {
   constexpr int64_t kDefaultMiB = 2048;
+  constexpr long long kMaxMiB = std::numeric_limits<int64_t>::max() >> 20;
   const char* text = std::getenv("FASTKD_CPU_CACHE_MB");
   if (text == nullptr || *text == '\0') return kDefaultMiB << 20;
   char* end = nullptr;
@@ -28,23 +34,31 @@ int64_t limit_from_env() {
                "'; using ", kDefaultMiB);
     return kDefaultMiB << 20;
   }
-  return static_cast<int64_t>(mib) << 20;
+  return static_cast<int64_t>(std::min(mib, kMaxMiB)) << 20;
 }
 
 class BlockCache final : public c10::Allocator {
  public:
-  BlockCache() : limit_(limit_from_env()) {}
+  BlockCache() : limit_(limit_from_env()) {
+    // A fork while another thread holds the lock (a tensor freed on a Python thread, say) would
+    // leave the child's copy locked forever: hold it across fork, and give the child a fresh one.
+    pthread_atfork([] { cache_lock().lock(); }, [] { cache_lock().unlock(); },
+                   [] { new (&cache_lock()) std::mutex(); });
+  }
 
   c10::DataPtr allocate(size_t nbytes) override {
-    if (nbytes < kMinCachedBytes) return c10::GetDefaultCPUAllocator()->allocate(nbytes);
+    if (nbytes < kMinCachedBytes) return c10::GetCPUAllocator()->allocate(nbytes);
     Block* block = take(nbytes);
     if (block == nullptr) {
       block = new Block{c10::alloc_cpu(nbytes), nbytes};
       std::lock_guard<std::mutex> lock(mutex_);
       in_use_ += static_cast<int64_t>(nbytes);
+      lent_.emplace(block->ptr, block);
+      report_locked(block, +1);
     }
-    report(block->ptr, static_cast<int64_t>(block->size));
-    return {block->ptr, block, &BlockCache::on_free, c10::Device(c10::DeviceType::CPU)};
+    // The context is the data pointer itself (a "simple" DataPtr, which copy-on-write clones
+    // require); the deleter finds the block in lent_.
+    return {block->ptr, block->ptr, &BlockCache::on_free, c10::Device(c10::DeviceType::CPU)};
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
@@ -53,36 +67,44 @@ class BlockCache final : public c10::Allocator {
 
   BlockCacheInfo info() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return {cached_, limit_, hits_, misses_};
+    return {cached_, in_use_, limit_, hits_, misses_};
   }
 
   void set_limit(int64_t bytes) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    limit_ = bytes;
-    trim_locked();
+    std::vector<Block*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      limit_ = bytes;
+      evicted = trim_locked(limit_);
+    }
+    release(evicted);
   }
 
   void clear() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const int64_t limit = limit_;
-    limit_ = 0;
-    trim_locked();
-    limit_ = limit;
+    std::vector<Block*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      evicted = trim_locked(0);
+    }
+    release(evicted);
   }
+
+  static std::mutex& cache_lock();
 
  private:
   struct Block {
     void* ptr;
     size_t size;
-    std::list<Block*>::iterator lru_pos;             // valid while cached
+    std::list<Block*>::iterator lru_pos;               // valid while cached
     std::multimap<size_t, Block*>::iterator size_pos;  // valid while cached
   };
 
-  // A cached block of nbytes .. nbytes + nbytes / 8, or nullptr (counted as a miss).
+  // The smallest cached block that serves nbytes (a block of size S serves S - S/8 .. S bytes),
+  // or nullptr (counted as a miss).
   Block* take(size_t nbytes) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = by_size_.lower_bound(nbytes);
-    if (it == by_size_.end() || it->first > nbytes + nbytes / 8) {
+    if (it == by_size_.end() || it->first - it->first / 8 > nbytes) {
       ++misses_;
       return nullptr;
     }
@@ -91,61 +113,72 @@ class BlockCache final : public c10::Allocator {
     lru_.erase(block->lru_pos);
     cached_ -= static_cast<int64_t>(block->size);
     in_use_ += static_cast<int64_t>(block->size);
+    lent_.emplace(block->ptr, block);
     ++hits_;
+    report_locked(block, +1);
     return block;
   }
 
-  // torch.profiler(profile_memory=True) sees these blocks as it sees the default allocator's.
-  void report(void* ptr, int64_t delta) {
-    int64_t in_use, cached;
+  void give_back(void* ptr) {
+    std::vector<Block*> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      in_use = in_use_;
-      cached = cached_;
-    }
-    c10::reportMemoryUsageToProfiler(ptr, delta, static_cast<size_t>(in_use),
-                                     static_cast<size_t>(in_use + cached),
-                                     c10::Device(c10::DeviceType::CPU));
-  }
-
-  void give_back(Block* block) {
-    report(block->ptr, -static_cast<int64_t>(block->size));
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
+      const auto it = lent_.find(ptr);
+      TORCH_INTERNAL_ASSERT(it != lent_.end(), "fastkd: freeing a block the cache did not lend");
+      Block* block = it->second;
+      lent_.erase(it);
       in_use_ -= static_cast<int64_t>(block->size);
       if (static_cast<int64_t>(block->size) <= limit_) {
         lru_.push_front(block);
         block->lru_pos = lru_.begin();
         block->size_pos = by_size_.emplace(block->size, block);
         cached_ += static_cast<int64_t>(block->size);
-        trim_locked();
-        return;
+        evicted = trim_locked(limit_);
+      } else {
+        evicted.push_back(block);
       }
+      // Under the lock, so the totals match this event and no other thread hands the block out
+      // (and reports it) before its release is reported.
+      report_locked(block, -1);
     }
-    release(block);
+    release(evicted);
   }
 
-  // Releases the least recently freed blocks until the cache holds at most limit_ bytes.
-  void trim_locked() {
-    while (cached_ > limit_) {
+  // torch.profiler(profile_memory=True) sees these blocks as it sees the default allocator's.
+  void report_locked(const Block* block, int sign) {
+    c10::reportMemoryUsageToProfiler(block->ptr, sign * static_cast<int64_t>(block->size),
+                                     static_cast<size_t>(in_use_),
+                                     static_cast<size_t>(in_use_ + cached_),
+                                     c10::Device(c10::DeviceType::CPU));
+  }
+
+  // Unlinks the least recently freed blocks until at most `limit` bytes stay cached; the caller
+  // releases them after unlocking (munmap of large blocks is slow).
+  std::vector<Block*> trim_locked(int64_t limit) {
+    std::vector<Block*> evicted;
+    while (cached_ > limit) {
       Block* block = lru_.back();
       lru_.pop_back();
       by_size_.erase(block->size_pos);
       cached_ -= static_cast<int64_t>(block->size);
-      release(block);
+      evicted.push_back(block);
+    }
+    return evicted;
+  }
+
+  static void release(const std::vector<Block*>& blocks) {
+    for (Block* block : blocks) {
+      c10::free_cpu(block->ptr);
+      delete block;
     }
   }
 
-  static void release(Block* block) {
-    c10::free_cpu(block->ptr);
-    delete block;
-  }
-
-  static void on_free(void* ctx);
+  static void on_free(void* ptr);
 
   std::mutex mutex_;
   std::list<Block*> lru_;  // most recently freed first
   std::multimap<size_t, Block*> by_size_;
+  std::unordered_map<void*, Block*> lent_;  // blocks handed out, by data pointer
   int64_t cached_ = 0;  // bytes in freed blocks
   int64_t in_use_ = 0;  // bytes in blocks handed out
   int64_t limit_;
@@ -159,7 +192,9 @@ BlockCache& cache() {
   return *instance;
 }
 
-void BlockCache::on_free(void* ctx) { cache().give_back(static_cast<Block*>(ctx)); }
+std::mutex& BlockCache::cache_lock() { return cache().mutex_; }
+
+void BlockCache::on_free(void* ptr) { cache().give_back(ptr); }
 
 constexpr c10::DispatchKeySet kCpuKeys{c10::DispatchKey::CPU};
 

@@ -9,8 +9,10 @@
 // Blocks of at least kMinCachedBytes go through the cache; smaller ones, which malloc already
 // serves from its heap, go to the default CPU allocator. Freed blocks are kept, most recently
 // freed first, up to a limit (FASTKD_CPU_CACHE_MB at start-up, default 2048; 0 turns the cache
-// off); past it the least recently freed are released. A block is reused for a request of up to
-// 1/8 less than its size. Thread-safe; the tensors are ordinary CPU tensors (resizable, shareable).
+// off); past it the least recently freed are released. A block of S bytes serves requests of
+// S - S/8 to S bytes. The cached blocks stay mapped between steps, so a process's resident memory
+// can be higher by up to the limit than if malloc had returned them. Thread-safe and fork-safe;
+// the tensors are ordinary CPU tensors (resizable, shareable, lazily clonable).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -29,6 +31,7 @@ at::Tensor empty_output_like(const at::Tensor& like);
 
 struct BlockCacheInfo {
   int64_t cached_bytes;  // held in freed blocks, ready for reuse
+  int64_t in_use_bytes;  // in blocks handed out and not yet freed
   int64_t limit_bytes;
   int64_t hits;          // requests served by a cached block
   int64_t misses;        // requests of kMinCachedBytes or more that needed new memory

@@ -50,7 +50,8 @@ TORCH_LIBRARY(fastkd, m) {
 // The CPU block cache's controls (fastkd.memory wraps them).
 static PyObject* cpu_cache_info(PyObject*, PyObject*) {
   const fastkd::BlockCacheInfo info = fastkd::block_cache_info();
-  return Py_BuildValue("(LLLL)", static_cast<long long>(info.cached_bytes),
+  return Py_BuildValue("(LLLLL)", static_cast<long long>(info.cached_bytes),
+                       static_cast<long long>(info.in_use_bytes),
                        static_cast<long long>(info.limit_bytes), static_cast<long long>(info.hits),
                        static_cast<long long>(info.misses));
 }
@@ -73,7 +74,7 @@ static PyObject* empty_cpu_cache(PyObject*, PyObject*) {
 
 static PyMethodDef fastkd_methods[] = {
     {"cpu_cache_info", cpu_cache_info, METH_NOARGS,
-     "(cached_bytes, limit_bytes, hits, misses) of the CPU block cache"},
+     "(cached_bytes, in_use_bytes, limit_bytes, hits, misses) of the CPU block cache"},
     {"set_cpu_cache_limit", set_cpu_cache_limit, METH_O, "sets the CPU block cache's limit"},
     {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS, "releases every cached CPU block"},
     {nullptr, nullptr, 0, nullptr}};

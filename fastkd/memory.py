@@ -8,8 +8,10 @@ sizes every step, so fastkd keeps the blocks its outputs free and hands them to 
 their pages already mapped. Blocks under 1 MiB go to PyTorch's default CPU allocator.
 
 The cache holds at most ``limit_bytes`` of freed blocks (``FASTKD_CPU_CACHE_MB`` when the extension
-loads, default 2048; 0 turns it off), releasing the least recently freed first. Memory in use is
-never counted or touched. CUDA outputs use PyTorch's CUDA caching allocator as before.
+loads, default 2048; 0 turns it off), releasing the least recently freed first; a block of S bytes
+serves requests of S - S/8 to S bytes. Memory in use is never touched. The kept blocks stay mapped,
+so the process's resident memory can be higher by up to the limit than if ``malloc`` had returned
+them. CUDA outputs use PyTorch's CUDA caching allocator as before.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ def _extension():
 
 
 def cpu_cache_info() -> dict[str, int]:
-    """``cached_bytes`` (freed blocks ready for reuse), ``limit_bytes``, and the ``hits`` and
-    ``misses`` of requests of 1 MiB or more since the extension loaded."""
-    cached, limit, hits, misses = _extension().cpu_cache_info()
-    return {"cached_bytes": cached, "limit_bytes": limit, "hits": hits, "misses": misses}
+    """``cached_bytes`` (freed blocks ready for reuse), ``in_use_bytes`` (blocks of live tensors),
+    ``limit_bytes``, and the ``hits`` and ``misses`` of requests of 1 MiB or more since the
+    extension loaded."""
+    cached, in_use, limit, hits, misses = _extension().cpu_cache_info()
+    return {"cached_bytes": cached, "in_use_bytes": in_use, "limit_bytes": limit, "hits": hits,
+            "misses": misses}
 
 
 def set_cpu_cache_limit(nbytes: int) -> None:
