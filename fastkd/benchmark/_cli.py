@@ -35,7 +35,6 @@ examples:
 """
 
 
-
 # Environment variables that change what a run measures (allocator, threads, kernels chosen).
 _TIMING_ENV_PREFIXES = ("MALLOC_", "FASTKD_", "ATEN_", "OMP_", "MKL_", "THP_", "TRITON_",
                         "CUDA_", "LD_PRELOAD", "PYTORCH_")
@@ -50,6 +49,7 @@ def _block_cache_limit() -> int | None:
         return cpu_cache_info()["limit_bytes"]
     except RuntimeError:  # the extension did not load; the fastkd[cpu] rows are skipped then
         return None
+
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
