@@ -34,22 +34,11 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._common import pick4
+
 MAX_PAIRS = 4
 _BLOCK_C = 32
 _BLOCK_P = 64
-
-
-@triton.jit
-def _pick(k: tl.constexpr, a0, a1, a2, a3):
-    """The k-th of four arguments, k known at compile time."""
-    if k == 0:
-        return a0
-    elif k == 1:
-        return a1
-    elif k == 2:
-        return a2
-    else:
-        return a3
 
 
 @triton.jit
@@ -96,19 +85,19 @@ def _channel_attention_fwd_kernel(
 ):
     pid = tl.program_id(0)
     for k in tl.static_range(NUM_PAIRS):
-        lo = _pick(k, start0, start1, start2, start3)
-        hi = _pick(k, start1, start2, start3, start4)
+        lo = pick4(k, start0, start1, start2, start3)
+        hi = pick4(k, start1, start2, start3, start4)
         if (pid >= lo) & (pid < hi):
             _fwd_pair(
                 pid - lo, pid,
-                _pick(k, s0, s1, s2, s3), _pick(k, t0, t1, t2, t3),
-                _pick(k, ssb0, ssb1, ssb2, ssb3), _pick(k, ssc0, ssc1, ssc2, ssc3),
-                _pick(k, ssp0, ssp1, ssp2, ssp3),
-                _pick(k, tsb0, tsb1, tsb2, tsb3), _pick(k, tsc0, tsc1, tsc2, tsc3),
-                _pick(k, tsp0, tsp1, tsp2, tsp3),
-                _pick(k, C0, C1, C2, C3), _pick(k, hs0, hs1, hs2, hs3),
-                _pick(k, ht0, ht1, ht2, ht3), _pick(k, coef0, coef1, coef2, coef3),
-                _pick(k, gs0, gs1, gs2, gs3), _pick(k, off0, off1, off2, off3),
+                pick4(k, s0, s1, s2, s3), pick4(k, t0, t1, t2, t3),
+                pick4(k, ssb0, ssb1, ssb2, ssb3), pick4(k, ssc0, ssc1, ssc2, ssc3),
+                pick4(k, ssp0, ssp1, ssp2, ssp3),
+                pick4(k, tsb0, tsb1, tsb2, tsb3), pick4(k, tsc0, tsc1, tsc2, tsc3),
+                pick4(k, tsp0, tsp1, tsp2, tsp3),
+                pick4(k, C0, C1, C2, C3), pick4(k, hs0, hs1, hs2, hs3),
+                pick4(k, ht0, ht1, ht2, ht3), pick4(k, coef0, coef1, coef2, coef3),
+                pick4(k, gs0, gs1, gs2, gs3), pick4(k, off0, off1, off2, off3),
                 diff_ptr, partial_ptr, BLOCK_C, BLOCK_P,
             )
 
@@ -146,14 +135,14 @@ def _channel_attention_bwd_kernel(
     pid = tl.program_id(0)
     go = tl.load(go_ptr).to(tl.float32)
     for k in tl.static_range(NUM_PAIRS):
-        lo = _pick(k, start0, start1, start2, start3)
-        hi = _pick(k, start1, start2, start3, start4)
+        lo = pick4(k, start0, start1, start2, start3)
+        hi = pick4(k, start1, start2, start3, start4)
         if (pid >= lo) & (pid < hi):
             _bwd_pair(
                 pid - lo,
-                _pick(k, g0, g1, g2, g3), _pick(k, d0, d1, d2, d3),
-                _pick(k, C0, C1, C2, C3), _pick(k, hw0, hw1, hw2, hw3),
-                _pick(k, sc0, sc1, sc2, sc3), _pick(k, sp0, sp1, sp2, sp3),
+                pick4(k, g0, g1, g2, g3), pick4(k, d0, d1, d2, d3),
+                pick4(k, C0, C1, C2, C3), pick4(k, hw0, hw1, hw2, hw3),
+                pick4(k, sc0, sc1, sc2, sc3), pick4(k, sp0, sp1, sp2, sp3),
                 go, BLOCK_C, BLOCK_P,
             )
 
