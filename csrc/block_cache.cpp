@@ -52,9 +52,7 @@ class BlockCache final : public c10::Allocator {
     if (block == nullptr) {
       block = new Block{c10::alloc_cpu(nbytes), nbytes};
       std::lock_guard<std::mutex> lock(mutex_);
-      in_use_ += static_cast<int64_t>(nbytes);
-      lent_.emplace(block->ptr, block);
-      report_locked(block, +1);
+      lend_locked(block);
     }
     // The context is the data pointer itself (a "simple" DataPtr, which copy-on-write clones
     // require); the deleter finds the block in lent_.
@@ -112,11 +110,15 @@ class BlockCache final : public c10::Allocator {
     by_size_.erase(it);
     lru_.erase(block->lru_pos);
     cached_ -= static_cast<int64_t>(block->size);
+    ++hits_;
+    lend_locked(block);
+    return block;
+  }
+
+  void lend_locked(Block* block) {
     in_use_ += static_cast<int64_t>(block->size);
     lent_.emplace(block->ptr, block);
-    ++hits_;
     report_locked(block, +1);
-    return block;
   }
 
   void give_back(void* ptr) {

@@ -16,14 +16,14 @@ them. CUDA outputs use PyTorch's CUDA caching allocator as before.
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (loads the libraries fastkd._C links against)
+from . import backends
 
 
 def _extension():
-    try:
-        from . import _C
-    except ImportError as e:
-        raise RuntimeError(f"the fastkd._C extension failed to load ({e})") from e
+    if not backends.EXTENSION_LOADED:
+        raise RuntimeError(backends.EXTENSION_REASON)
+    from . import _C
+
     return _C
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..backends import EXTENSION_LOADED
 from ..memory import cpu_cache_info
 from . import available_losses, load_loss
 from ._core import DTYPES, MODES, PEERS, Selection, parse_shape, shape_str
@@ -45,10 +46,8 @@ def _timing_env() -> dict[str, str]:
 
 
 def _block_cache_limit() -> int | None:
-    try:
-        return cpu_cache_info()["limit_bytes"]
-    except RuntimeError:  # the extension did not load; the fastkd[cpu] rows are skipped then
-        return None
+    # None when the extension did not load (the fastkd[cpu] rows are skipped then)
+    return cpu_cache_info()["limit_bytes"] if EXTENSION_LOADED else None
 
 
 def _shape(text: str) -> tuple[int, ...]:
