@@ -17,6 +17,7 @@ import torch
 from conftest import CPU_BACKENDS, CUDA
 from hypothesis import given
 from hypothesis import strategies as st
+from machine import CPU_CAPABILITIES, skip_unless_cpu_runs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastkd
@@ -285,9 +286,10 @@ def test_property_cpu(shape, p, normalize, scale, dtype, seed):
     _check(students, teachers, "cpu", p=p, normalize=normalize)
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2"])
+@pytest.mark.parametrize("capability", CPU_CAPABILITIES)
 def test_cpu_capability_variants(capability):
-    # Every compiled variant of the CPU kernel (the machine's own runs everywhere else).
+    # Every compiled variant of the CPU kernel that this CPU can run.
+    skip_unless_cpu_runs(capability)
     script = textwrap.dedent(
         """
         import torch, fastkd
