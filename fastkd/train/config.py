@@ -1,4 +1,12 @@
-"""The trainer's configuration: command-line flags, an optional YAML/JSON file, validation.
+"""The trainer's configuration: one definition per option, from which the command-line flags, the
+YAML/JSON config file and the ``--resume`` check all derive; validation.
+
+Every option is one field of :class:`Config`, declared with :func:`option`: its name (the flag is
+``--`` + the name with ``-`` for ``_``; a config file may use either spelling), its type (the
+annotation), default, help, choices, lower bound, and whether it is ``runtime`` -- it does not
+change what a run computes, so a resumed run may set it differently; every other option must match
+the checkpoint's. :func:`build_parser`, :func:`load_config_file` and ``RUNTIME_FIELDS`` are built
+from these fields; nothing else lists options.
 
 Precedence, lowest first: built-in defaults, the ``--demo`` preset, the ``--config`` file, flags on
 the command line. Values that depend on the data or the method (epochs, batch size, learning rate,
@@ -13,101 +21,20 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..backends import CHOICES as LOSS_BACKENDS
 
 METHODS = ("scratch", "kd", "cd", "dih", "feed", "nd", "topk")
 OPTIMIZERS = ("sgd", "adamw", "lars", "lamb")
 SCHEDULES = ("cosine", "step", "constant")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
-LOSS_BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; raised before any training starts."""
-
-
-@dataclass
-class Config:
-    # What to run.
-    method: str | None = None
-    demo: bool = False
-    demo_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    demo_methods: list[str] = field(default_factory=lambda: list(METHODS))
-    # Data and models.
-    data: str | None = None
-    synthetic_images: int = 12800
-    synthetic_classes: int = 1000
-    train_fraction: float = 1.0
-    image_size: int = 224
-    teacher: str | None = None
-    student: str | None = None
-    teacher_weights: list[str] = field(default_factory=list)
-    teacher_epochs: int | None = None
-    cache_dir: str | None = None
-    # Optimisation.
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float | None = None
-    lr_schedule: str = "cosine"
-    lr_milestones: list[int] = field(default_factory=list)
-    lr_gamma: float = 0.1
-    lr_scaling: str = "none"
-    lr_base_batch: int = 256
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    seed: int = 0
-    # Method hyper-parameters (None: the method's default).
-    temperature: float | None = None
-    alpha: float | None = None
-    cd_weight: float = 6.0
-    cd_decay: float = 0.9
-    cd_decay_every: int | None = None
-    cd_kd_start: int | None = None
-    cd_ce_weight: float = 1.0
-    cd_gkd_weight: float = 1.0
-    dih_head_epochs: int | None = None
-    dih_head_lr: float | None = None
-    feed_teachers: int = 2
-    feed_beta: float = 500.0
-    nd_block_epochs: int | None = None
-    topk: int = 3
-    # Speed and scale.
-    device: str = "auto"
-    amp: str = "auto"
-    compile: bool = False
-    channels_last: bool | None = None
-    workers: int | None = None
-    threads: int | None = None
-    loss_backend: str = "auto"
-    max_steps_per_epoch: int | None = None
-    profile_steps: int = 0
-    # Output and reliability.
-    output: str | None = None
-    overwrite: bool = False
-    resume: str | None = None
-    checkpoint_every: int = 0
-    stop_after_steps: int | None = None
-    log_interval: int = 20
-    eval_every: int = 1
-    plot: bool = True
-    progress: bool | None = None
-    config: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-# Fields that do not change what a run computes: a resumed run may set them differently.
-RUNTIME_FIELDS = frozenset({
-    "demo", "demo_seeds", "demo_methods", "cache_dir", "device", "workers", "threads",
-    "profile_steps", "output", "overwrite", "resume", "checkpoint_every", "stop_after_steps",
-    "log_interval", "progress", "config", "compile", "loss_backend", "plot",
-})
+DEVICES = ("auto", "cpu", "cuda")
+LR_SCALINGS = ("none", "linear")
 
 SYNTHETIC = "synthetic"
 BUILTIN_TEACHER = "digits-teacher"
@@ -127,18 +54,257 @@ DEMO_PRESET: dict[str, Any] = {
 }
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+class ConfigError(ValueError):
+    """A configuration that cannot run; raised before any training starts."""
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+@dataclass(frozen=True)
+class Option:
+    """What the parser, the config-file loader and the resume check know about one option."""
+
+    group: str
+    help: str
+    choices: tuple[str, ...] | None = None
+    # Smallest allowed value of a number (ints: checked by the parser too).
+    at_least: float | None = None
+    metavar: str | None = None
+    # Value of the flag given without a value (makes the value optional).
+    const: Any = None
+    # Does not change what the run computes: not checked against the checkpoint on --resume.
+    runtime: bool = False
+    # May be set in a --config file.
+    in_file: bool = True
+
+
+def option(group: str, default: Any, help: str, **kw: Any) -> Any:
+    """A :class:`Config` field and its :class:`Option` (``kw``: Option's other attributes)."""
+    meta = {"option": Option(group, help, **kw)}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+RUN = "what to run"
+DATA = "data and models"
+OPTIM = "optimisation"
+METHOD = "method hyper-parameters"
+SPEED = "speed and scale"
+OUTPUT = "output and reliability"
+
+
+@dataclass
+class Config:
+    # What to run.
+    method: str | None = option(RUN, None, (
+        "scratch: student alone, cross-entropy. kd: Hinton KD (T, alpha). cd: channel distillation "
+        "with 1x1 connectors at 4 stages + guided KD + early-decay teacher. dih: train one linear "
+        "head per teacher stage (teacher frozen), then distil from the cohort of heads + teacher. "
+        "feed: parallel FEED, one non-linear transform per teacher on the student's last feature "
+        "map, normalised-L1 loss. nd: neighbourhood distillation, student stages trained "
+        "independently against the teacher's, then stacked and fine-tuned with KD. topk: partial "
+        "teacher, top-k probabilities kept, the rest spread uniformly."), choices=METHODS)
+    demo: bool = option(RUN, False, (
+        "The main job: on the embedded data, train (or load the cached) teacher, train the student "
+        "with every --demo-methods over --demo-seeds, print accuracy mean +- std, time and "
+        "images/s per method, write demo.csv/demo.json/demo.png under --output. Preset: "
+        + ", ".join(f"{k}={v}" for k, v in DEMO_PRESET.items()) + "."), runtime=True)
+    demo_seeds: list[int] = option(RUN, [0, 1, 2], "seeds of the demo's runs", runtime=True)
+    demo_methods: list[str] = option(RUN, list(METHODS), "methods the demo runs",
+                                     choices=METHODS, runtime=True)
+    config: str | None = option(RUN, None, (
+        "YAML or JSON file of option values (keys as the long flags, with - or _); flags given on "
+        "the command line override it"), metavar="FILE", runtime=True, in_file=False)
+    # Data and models.
+    data: str | None = option(DATA, None, (
+        "ImageNet-layout folder with train/<class>/ and val/<class>/ read with torchvision's "
+        "ImageFolder (RandomResizedCrop + flip for train, resize + center crop for val, ImageNet "
+        "normalisation). 'synthetic': random ImageNet-shaped tensors for throughput "
+        "measurements (teacher weights optional there). Default: the embedded digits (1797 8x8 "
+        "images, 10 classes, fixed 70/30 train/val split)"), metavar="DIR")
+    synthetic_images: int = option(DATA, 12800, (
+        "--data synthetic: training images per epoch (validation: a tenth as many)"), at_least=1)
+    synthetic_classes: int = option(DATA, 1000, "--data synthetic: classes", at_least=1)
+    train_fraction: float = option(DATA, 1.0, (
+        "embedded data: fraction of the training split the student trains on (a fixed stratified "
+        "subset); the teacher always trains on the whole split"))
+    image_size: int = option(DATA, 224, (
+        "--data: training crop size; validation resizes to size*256/224 and center-crops size"),
+        at_least=1)
+    teacher: str | None = option(DATA, None, (
+        f"teacher model: '{BUILTIN_TEACHER}' (embedded data) or a torchvision classification "
+        "model name such as resnet34 (built with weights=None). Default: the built-in teacher on "
+        "the embedded data; required with --data"))
+    student: str | None = option(DATA, None, (
+        f"student model: '{BUILTIN_STUDENT}' (embedded data) or a torchvision model name such as "
+        "resnet18 (random init). Default: the built-in student; required with --data"))
+    teacher_weights: list[str] = option(DATA, [], (
+        "teacher weights: a state_dict file (torchvision key names), a fastkd checkpoint or a "
+        "fastkd student.pt; several paths for feed (one per teacher). Never downloaded. Required "
+        "with --data for every method but scratch; on the embedded data, without it the teacher "
+        "is trained once and cached"), metavar="PATH")
+    teacher_epochs: int | None = option(DATA, None, (
+        "embedded data: epochs to train the built-in teacher when it is not cached (default 15, "
+        "about 99%% validation accuracy)"), at_least=1)
+    cache_dir: str | None = option(DATA, None, (
+        "where trained embedded teachers are cached, keyed by their recipe and seed (default "
+        "$FASTKD_CACHE, else $XDG_CACHE_HOME/fastkd, else ~/.cache/fastkd)"), metavar="DIR",
+        runtime=True)
+    # Optimisation.
+    epochs: int | None = option(OPTIM, None, (
+        "epochs of the student's training (for nd: block-wise phase + fine-tuning; dih's "
+        "head training comes before them); default 30 on the embedded data, 100 with --data "
+        "(the CD paper's ImageNet recipe)"), at_least=1)
+    batch_size: int | None = option(OPTIM, None, (
+        "global batch size, split evenly over the ranks (default 64 embedded, 256 with --data)"),
+        at_least=1)
+    lr: float | None = option(OPTIM, None, (
+        "peak learning rate (default 0.05 embedded, 0.1 with --data); with --lr-scaling linear "
+        "it is the rate at --lr-base-batch"), at_least=0.0)
+    optimizer: str = option(OPTIM, "sgd", (
+        "sgd (momentum, nesterov off), adamw, or the large-batch optimizers lars / lamb from timm"),
+        choices=OPTIMIZERS)
+    momentum: float = option(OPTIM, 0.9, "SGD/LARS momentum", at_least=0.0)
+    weight_decay: float | None = option(OPTIM, None, (
+        "weight decay on weights of rank >= 2 (biases and norm parameters are not decayed); "
+        "default 5e-4 embedded, 1e-4 with --data"), at_least=0.0)
+    lr_schedule: str = option(OPTIM, "cosine", (
+        "after warm-up: cosine to 0, step (x --lr-gamma at --lr-milestones), or constant"),
+        choices=SCHEDULES)
+    lr_milestones: list[int] = option(OPTIM, [], (
+        "step schedule: epochs at which the rate is multiplied by --lr-gamma (CD paper: 30 60 90)"))
+    lr_gamma: float = option(OPTIM, 0.1, "step schedule factor", at_least=0.0)
+    lr_scaling: str = option(OPTIM, "none", (
+        "linear: lr = --lr * global batch / --lr-base-batch (the large-batch recipe, with "
+        "--warmup-epochs and --optimizer lars or lamb)"), choices=LR_SCALINGS)
+    lr_base_batch: int = option(OPTIM, 256, "reference batch of --lr-scaling", at_least=1)
+    warmup_epochs: float = option(OPTIM, 0.0, "linear warm-up from 0, in epochs", at_least=0.0)
+    label_smoothing: float = option(OPTIM, 0.0, "label smoothing of every CE term", at_least=0.0)
+    seed: int = option(OPTIM, 0, "seed of initialisation, data order, augmentation")
+    # Method hyper-parameters (None: the method's default).
+    temperature: float | None = option(METHOD, None, (
+        "KD temperature T (default: kd/topk/nd 4, cd 1 (GKD), dih 5)"))
+    alpha: float | None = option(METHOD, None, (
+        "weight of the KD term, 1-alpha on CE (default: kd/topk/nd 0.9, dih 0.1)"))
+    cd_weight: float = option(METHOD, 6.0, "cd: initial channel-attention loss weight",
+                              at_least=0.0)
+    cd_decay: float = option(METHOD, 0.9, "cd: early-decay-teacher factor", at_least=0.0)
+    cd_decay_every: int | None = option(METHOD, None, (
+        "cd: epochs between decays of the CD weight (default 30%% of --epochs: 30 of 100)"),
+        at_least=1)
+    cd_kd_start: int | None = option(METHOD, None, (
+        "cd: CE and guided KD are off for epochs <= this (a CD-only warm-up; default 30%% of "
+        "--epochs: 30 of 100)"), at_least=0)
+    cd_ce_weight: float = option(METHOD, 1.0, "cd: CE weight after the warm-up", at_least=0.0)
+    cd_gkd_weight: float = option(METHOD, 1.0, "cd: guided-KD weight after the warm-up",
+                                  at_least=0.0)
+    dih_head_epochs: int | None = option(METHOD, None, (
+        "dih: epochs training the intermediate heads on the frozen teacher (default 30%% of "
+        "--epochs)"), at_least=1)
+    dih_head_lr: float | None = option(METHOD, None, (
+        "dih: peak learning rate of the head training (default --lr / 10: a linear layer on an "
+        "unnormalised early stage map, e.g. 2048 inputs on the digits, diverges at --lr)"))
+    feed_teachers: int = option(METHOD, 2, (
+        "feed, embedded data: number of teachers (differently seeded built-in teachers); with "
+        "--data the count of --teacher-weights"), at_least=1)
+    feed_beta: float = option(METHOD, 500.0, "feed: weight of the normalised-L1 loss",
+                              at_least=0.0)
+    nd_block_epochs: int | None = option(METHOD, None, (
+        "nd: of the --epochs, those training the student stages independently (default 50%%); "
+        "the rest fine-tune the stacked student end to end with KD"), at_least=1)
+    topk: int = option(METHOD, 3, "topk: teacher probabilities kept per row", at_least=1)
+    # Speed and scale.
+    device: str = option(SPEED, "auto", (
+        "auto: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU"), choices=DEVICES,
+        runtime=True)
+    amp: str = option(SPEED, "auto", (
+        "mixed precision: bf16 autocast (on the CPU too, where it is correct but rarely faster), "
+        "fp16 autocast with a gradient scaler (GPU only), off; auto: bf16 on CUDA, off on the "
+        "CPU. '--amp' alone means bf16"), choices=AMP_MODES, const="bf16")
+    compile: bool = option(SPEED, False, "torch.compile the teacher and the trained modules",
+                           runtime=True)
+    channels_last: bool | None = option(SPEED, None, (
+        "channels_last memory format for models and images (default: on for CUDA, off on CPU)"))
+    workers: int | None = option(SPEED, None, (
+        "DataLoader worker processes per rank (default 0 for the in-memory digits, "
+        "min(8, cpus per rank) with --data)"), at_least=0, runtime=True)
+    threads: int | None = option(SPEED, None, (
+        "torch intra-op threads per process (default: 1 on the embedded data, whose tiny "
+        "convolutions gain nothing from threads; with --data torch's choice, or cpus / ranks "
+        "under torchrun on the CPU)"), at_least=1, runtime=True)
+    loss_backend: str = option(SPEED, "auto", (
+        "backend of fastkd's losses; 'torch' is fastkd's plain-PyTorch reference (eager losses, "
+        "for comparisons)"), choices=LOSS_BACKENDS, runtime=True)
+    max_steps_per_epoch: int | None = option(SPEED, None, (
+        "cap on steps per epoch (quick runs, benchmarks)"), at_least=1)
+    profile_steps: int = option(SPEED, 0, (
+        "time the first N steps section by section (data, teacher forward, student forward, "
+        "distillation losses, backward + step), synchronising the device; prints the split and "
+        "writes profile.json, then training continues"), at_least=0, runtime=True)
+    # Output and reliability.
+    output: str | None = option(OUTPUT, None, (
+        "directory for checkpoint.pt, student.pt, metrics.csv/json, plot.png, tb/ (default "
+        "runs/<method>-seed<seed>)"), metavar="DIR", runtime=True)
+    overwrite: bool = option(OUTPUT, False, (
+        "start afresh even if --output holds a checkpoint (it is replaced)"), runtime=True)
+    resume: str | None = option(OUTPUT, None, (
+        "continue from a checkpoint (default <output>/checkpoint.pt) exactly where it stopped; "
+        "the configuration must match the checkpoint's"), metavar="PATH", const="auto",
+        runtime=True)
+    checkpoint_every: int = option(OUTPUT, 0, (
+        "also checkpoint every N optimizer steps (0: only at epoch ends)"), at_least=0,
+        runtime=True)
+    stop_after_steps: int | None = option(OUTPUT, None, (
+        "checkpoint and stop after N optimizer steps of this process (time-boxed or preemptible "
+        "jobs; continue with --resume)"), at_least=1, runtime=True)
+    log_interval: int = option(OUTPUT, 20, (
+        "steps between progress-bar updates (and, on GPU, non-finite-loss checks)"), at_least=1,
+        runtime=True)
+    eval_every: int = option(OUTPUT, 1, (
+        "validate every N epochs (and after each phase's last epoch); metrics rows of the other "
+        "epochs have empty validation columns"), at_least=1)
+    plot: bool = option(OUTPUT, True, (
+        "write plot.png (accuracy and loss curves) at the end of the run"), runtime=True)
+    progress: bool | None = option(OUTPUT, None, (
+        "tqdm progress bars on rank 0 (default: when stderr is a terminal)"), runtime=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _value_type(name: str) -> tuple[type, bool]:
+    """(element type, is a list) of option ``name``, from its annotation."""
+    hint = _HINTS[name]
+    if isinstance(hint, types.UnionType):  # X | None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
+
+
+_HINTS = typing.get_type_hints(Config)
+OPTIONS: dict[str, Option] = {f.name: f.metadata["option"] for f in dataclasses.fields(Config)}
+# Options that do not change what a run computes: a resumed run may set them differently.
+RUNTIME_FIELDS = frozenset(name for name, o in OPTIONS.items() if o.runtime)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _integer(at_least: float | None) -> Any:
+    def parse(text: str) -> int:
+        value = int(text)
+        if at_least is not None and value < at_least:
+            raise argparse.ArgumentTypeError(_bound_message(value, at_least))
+        return value
+
+    parse.__name__ = "int"  # argparse names the type in "invalid int value: 'x'"
+    return parse
+
+
+def _bound_message(value: object, at_least: float) -> str:
+    return (f"must be a positive integer, got {value}" if at_least == 1
+            else f"must be >= {at_least:g}, got {value}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -149,6 +315,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, one flag per :class:`Config` field."""
     p = _Parser(
         prog="python -m fastkd.train",
         description=(
@@ -158,184 +325,40 @@ def build_parser() -> argparse.ArgumentParser:
             "DIR it reads an ImageNet-layout folder and uses torchvision models. --demo runs the "
             "main job: scratch and every distillation method over 3 seeds on the embedded data, "
             "a table and a plot. Hyper-parameters default to the papers' values (fastkd's "
-            "PAPERS.md); on the embedded data, epoch counts are scaled down and epoch boundaries "
-            "scaled with them."
+            "docs/methods.md); on the embedded data, epoch counts are scaled down and epoch "
+            "boundaries scaled with them."
         ),
     )
-    g = p.add_argument_group("what to run")
-    g.add_argument("--method", choices=METHODS, help=(
-        "scratch: student alone, cross-entropy. kd: Hinton KD (T, alpha). cd: channel distillation "
-        "with 1x1 connectors at 4 stages + guided KD + early-decay teacher. dih: train one linear "
-        "head per teacher stage (teacher frozen), then distil from the cohort of heads + teacher. "
-        "feed: parallel FEED, one non-linear transform per teacher on the student's last feature "
-        "map, normalised-L1 loss. nd: neighbourhood distillation, student stages trained "
-        "independently against the teacher's, then stacked and fine-tuned with KD. topk: partial "
-        "teacher, top-k probabilities kept, the rest spread uniformly."))
-    g.add_argument("--demo", action="store_true", help=(
-        "The main job: on the embedded data, train (or load the cached) teacher, train the student "
-        "with every --demo-methods over --demo-seeds, print accuracy mean +- std, time and "
-        "images/s per method, write demo.csv/demo.json/demo.png under --output. Preset: "
-        + ", ".join(f"{k}={v}" for k, v in DEMO_PRESET.items()) + "."))
-    g.add_argument("--demo-seeds", type=int, nargs="+", help="seeds of the demo's runs")
-    g.add_argument("--demo-methods", nargs="+", choices=METHODS, help="methods the demo runs")
-    g.add_argument("--config", metavar="FILE", help=(
-        "YAML or JSON file of option values (keys as the long flags, with - or _); flags given on "
-        "the command line override it"))
-
-    g = p.add_argument_group("data and models")
-    g.add_argument("--data", metavar="DIR", help=(
-        "ImageNet-layout folder with train/<class>/ and val/<class>/ read with torchvision's "
-        "ImageFolder (RandomResizedCrop + flip for train, resize + center crop for val, ImageNet "
-        "normalisation). 'synthetic': random ImageNet-shaped tensors for throughput "
-        "measurements (teacher weights optional there). Default: the embedded digits (1797 8x8 "
-        "images, 10 classes, fixed 70/30 train/val split)"))
-    g.add_argument("--synthetic-images", type=_positive_int, help=(
-        "--data synthetic: training images per epoch (validation: a tenth as many)"))
-    g.add_argument("--synthetic-classes", type=_positive_int, help="--data synthetic: classes")
-    g.add_argument("--train-fraction", type=float, help=(
-        "embedded data: fraction of the training split the student trains on (a fixed stratified "
-        "subset); the teacher always trains on the whole split"))
-    g.add_argument("--image-size", type=_positive_int, help=(
-        "--data: training crop size; validation resizes to size*256/224 and center-crops size"))
-    g.add_argument("--teacher", help=(
-        f"teacher model: '{BUILTIN_TEACHER}' (embedded data) or a torchvision classification "
-        "model name such as resnet34 (built with weights=None). Default: the built-in teacher on "
-        "the embedded data; required with --data"))
-    g.add_argument("--student", help=(
-        f"student model: '{BUILTIN_STUDENT}' (embedded data) or a torchvision model name such as "
-        "resnet18 (random init). Default: the built-in student; required with --data"))
-    g.add_argument("--teacher-weights", nargs="+", metavar="PATH", help=(
-        "teacher weights: a state_dict file (torchvision key names), a fastkd checkpoint or a "
-        "fastkd student.pt; several paths for feed (one per teacher). Never downloaded. Required "
-        "with --data for every method but scratch; on the embedded data, without it the teacher "
-        "is trained once and cached"))
-    g.add_argument("--teacher-epochs", type=_positive_int, help=(
-        "embedded data: epochs to train the built-in teacher when it is not cached (default 15, "
-        "about 99%% validation accuracy)"))
-    g.add_argument("--cache-dir", metavar="DIR", help=(
-        "where trained embedded teachers are cached, keyed by their recipe and seed (default "
-        "$FASTKD_CACHE, else $XDG_CACHE_HOME/fastkd, else ~/.cache/fastkd)"))
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=_positive_int, help=(
-        "epochs of the student's training (for nd: block-wise phase + fine-tuning; dih's "
-        "head training comes before them); default 30 on the embedded data, 100 with --data "
-        "(the CD paper's ImageNet recipe)"))
-    g.add_argument("--batch-size", type=_positive_int, help=(
-        "global batch size, split evenly over the ranks (default 64 embedded, 256 with --data)"))
-    g.add_argument("--lr", type=float, help=(
-        "peak learning rate (default 0.05 embedded, 0.1 with --data); with --lr-scaling linear "
-        "it is the rate at --lr-base-batch"))
-    g.add_argument("--optimizer", choices=OPTIMIZERS, help=(
-        "sgd (momentum, nesterov off), adamw, or the large-batch optimizers lars / lamb from timm"))
-    g.add_argument("--momentum", type=float, help="SGD/LARS momentum")
-    g.add_argument("--weight-decay", type=float, help=(
-        "weight decay on weights of rank >= 2 (biases and norm parameters are not decayed); "
-        "default 5e-4 embedded, 1e-4 with --data"))
-    g.add_argument("--lr-schedule", choices=SCHEDULES, help=(
-        "after warm-up: cosine to 0, step (x --lr-gamma at --lr-milestones), or constant"))
-    g.add_argument("--lr-milestones", type=int, nargs="+", help=(
-        "step schedule: epochs at which the rate is multiplied by --lr-gamma (CD paper: 30 60 90)"))
-    g.add_argument("--lr-gamma", type=float, help="step schedule factor")
-    g.add_argument("--lr-scaling", choices=("none", "linear"), help=(
-        "linear: lr = --lr * global batch / --lr-base-batch (the large-batch recipe, with "
-        "--warmup-epochs and --optimizer lars or lamb)"))
-    g.add_argument("--lr-base-batch", type=_positive_int, help="reference batch of --lr-scaling")
-    g.add_argument("--warmup-epochs", type=float, help="linear warm-up from 0, in epochs")
-    g.add_argument("--label-smoothing", type=float, help="label smoothing of every CE term")
-    g.add_argument("--seed", type=int, help="seed of initialisation, data order, augmentation")
-
-    g = p.add_argument_group("method hyper-parameters")
-    g.add_argument("--temperature", type=float, help=(
-        "KD temperature T (default: kd/topk/nd 4, cd 1 (GKD), dih 5)"))
-    g.add_argument("--alpha", type=float, help=(
-        "weight of the KD term, 1-alpha on CE (default: kd/topk/nd 0.9, dih 0.1)"))
-    g.add_argument("--cd-weight", type=float, help="cd: initial channel-attention loss weight")
-    g.add_argument("--cd-decay", type=float, help="cd: early-decay-teacher factor")
-    g.add_argument("--cd-decay-every", type=_positive_int, help=(
-        "cd: epochs between decays of the CD weight (default 30%% of --epochs: 30 of 100)"))
-    g.add_argument("--cd-kd-start", type=_non_negative_int, help=(
-        "cd: CE and guided KD are off for epochs <= this (a CD-only warm-up; default 30%% of "
-        "--epochs: 30 of 100)"))
-    g.add_argument("--cd-ce-weight", type=float, help="cd: CE weight after the warm-up")
-    g.add_argument("--cd-gkd-weight", type=float, help="cd: guided-KD weight after the warm-up")
-    g.add_argument("--dih-head-epochs", type=_positive_int, help=(
-        "dih: epochs training the intermediate heads on the frozen teacher (default 30%% of "
-        "--epochs)"))
-    g.add_argument("--dih-head-lr", type=float, help=(
-        "dih: peak learning rate of the head training (default --lr / 10: a linear layer on an "
-        "unnormalised early stage map, e.g. 2048 inputs on the digits, diverges at --lr)"))
-    g.add_argument("--feed-teachers", type=_positive_int, help=(
-        "feed, embedded data: number of teachers (differently seeded built-in teachers); with "
-        "--data the count of --teacher-weights"))
-    g.add_argument("--feed-beta", type=float, help="feed: weight of the normalised-L1 loss")
-    g.add_argument("--nd-block-epochs", type=_positive_int, help=(
-        "nd: of the --epochs, those training the student stages independently (default 50%%); "
-        "the rest fine-tune the stacked student end to end with KD"))
-    g.add_argument("--topk", type=_positive_int, help="topk: teacher probabilities kept per row")
-
-    g = p.add_argument_group("speed and scale")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), help=(
-        "auto: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU"))
-    g.add_argument("--amp", nargs="?", const="bf16", choices=AMP_MODES, help=(
-        "mixed precision: bf16 autocast (on the CPU too, where it is correct but rarely faster), "
-        "fp16 autocast with a gradient scaler (GPU only), off; auto: bf16 on CUDA, off on the "
-        "CPU. '--amp' alone means bf16"))
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, help=(
-        "torch.compile the teacher and the trained modules"))
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help=(
-        "channels_last memory format for models and images (default: on for CUDA, off on CPU)"))
-    g.add_argument("--workers", type=_non_negative_int, help=(
-        "DataLoader worker processes per rank (default 0 for the in-memory digits, "
-        "min(8, cpus per rank) with --data)"))
-    g.add_argument("--threads", type=_positive_int, help=(
-        "torch intra-op threads per process (default: 1 on the embedded data, whose tiny "
-        "convolutions gain nothing from threads; with --data torch's choice, or cpus / ranks "
-        "under torchrun on the CPU)"))
-    g.add_argument("--loss-backend", choices=LOSS_BACKENDS, help=(
-        "backend of fastkd's losses; 'torch' is fastkd's plain-PyTorch reference (eager losses, "
-        "for comparisons)"))
-    g.add_argument("--max-steps-per-epoch", type=_positive_int, help=(
-        "cap on steps per epoch (quick runs, benchmarks)"))
-    g.add_argument("--profile-steps", type=_non_negative_int, help=(
-        "time the first N steps section by section (data, teacher forward, student forward, "
-        "distillation losses, backward + step), synchronising the device; prints the split and "
-        "writes profile.json, then training continues"))
-
-    g = p.add_argument_group("output and reliability")
-    g.add_argument("--output", metavar="DIR", help=(
-        "directory for checkpoint.pt, student.pt, metrics.csv/json, plot.png, tb/ (default "
-        "runs/<method>-seed<seed>)"))
-    g.add_argument("--overwrite", action="store_true", help=(
-        "start afresh even if --output holds a checkpoint (it is replaced)"))
-    g.add_argument("--resume", nargs="?", const="auto", metavar="PATH", help=(
-        "continue from a checkpoint (default <output>/checkpoint.pt) exactly where it stopped; "
-        "the configuration must match the checkpoint's"))
-    g.add_argument("--checkpoint-every", type=_non_negative_int, help=(
-        "also checkpoint every N optimizer steps (0: only at epoch ends)"))
-    g.add_argument("--stop-after-steps", type=_positive_int, help=(
-        "checkpoint and stop after N optimizer steps of this process (time-boxed or preemptible "
-        "jobs; continue with --resume)"))
-    g.add_argument("--log-interval", type=_positive_int, help=(
-        "steps between progress-bar updates (and, on GPU, non-finite-loss checks)"))
-    g.add_argument("--eval-every", type=_positive_int, help=(
-        "validate every N epochs (and after each phase's last epoch); metrics rows of the other "
-        "epochs have empty validation columns"))
-    g.add_argument("--plot", action=argparse.BooleanOptionalAction, help=(
-        "write plot.png (accuracy and loss curves) at the end of the run"))
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, help=(
-        "tqdm progress bars on rank 0 (default: when stderr is a terminal)"))
-    # Every default comes from Config; None on the parser means "not given on the command line".
+    groups: dict[str, argparse._ArgumentGroup] = {}
     defaults = Config()
-    for action in p._actions:
-        if action.metavar is None and action.choices is None and action.type is not None:
-            action.metavar = "X" if action.type is float else "N"
-        value = getattr(defaults, action.dest, None)
-        shown_default = value is not None and value is not False and value != []
-        if action.help and shown_default and "default" not in action.help:
+    for name, o in OPTIONS.items():
+        group = groups.get(o.group) or groups.setdefault(o.group, p.add_argument_group(o.group))
+        kind, is_list = _value_type(name)
+        kw: dict[str, Any] = {"dest": name, "help": o.help}
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            if kind is int:
+                kw["type"] = _integer(o.at_least)
+            elif kind is float:
+                kw["type"] = float
+            if o.choices is not None:
+                kw["choices"] = o.choices
+            if is_list:
+                kw["nargs"] = "+"
+            if o.const is not None:
+                kw.update(nargs="?", const=o.const)
+            if o.metavar is not None:
+                kw["metavar"] = o.metavar
+            elif o.choices is None and kind in (int, float):
+                kw["metavar"] = "X" if kind is float else "N"
+        value = getattr(defaults, name)
+        if value is not None and value is not False and value != [] and "default" not in o.help:
             shown = " ".join(map(str, value)) if isinstance(value, list) else value
-            action.help += f" (default: {shown})"
-    p.set_defaults(**{f.name: None for f in dataclasses.fields(Config)})
+            kw["help"] += f" (default: {shown})"
+        group.add_argument(flag(name), **kw)
+    # None on the parser means "not given on the command line"; every default comes from Config.
+    p.set_defaults(**dict.fromkeys(OPTIONS))
     return p
 
 
@@ -358,12 +381,13 @@ def load_config_file(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of option names to values")
-    names = {f.name for f in dataclasses.fields(Config)} - {"config"}
     out = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
-        if name not in names:
+        if name not in OPTIONS or not OPTIONS[name].in_file:
             raise ConfigError(f"--config: unknown option {key!r} in {path}")
+        if _value_type(name)[0] is bool and value is not None and not isinstance(value, bool):
+            raise ConfigError(f"--config: {key} in {path} must be true or false, got {value!r}")
         out[name] = value
     return out
 
@@ -372,23 +396,16 @@ def _as_argv(values: dict[str, Any]) -> list[str]:
     """Option values as command-line words, so a file's values get the flags' exact checks."""
     argv: list[str] = []
     for name, value in values.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            if name in _BOOLEAN_OPTIONAL:
-                argv.append(flag if value else "--no-" + flag[2:])
-            elif value:
-                argv.append(flag)
-        elif value is None:
+        if value is None:
             continue
+        if isinstance(value, bool):
+            argv.append(flag(name) if value else "--no-" + flag(name)[2:])
         elif isinstance(value, (list, tuple)):
             if value:
-                argv += [flag, *map(str, value)]
+                argv += [flag(name), *map(str, value)]
         else:
-            argv += [flag, str(value)]
+            argv += [flag(name), str(value)]
     return argv
-
-
-_BOOLEAN_OPTIONAL = frozenset({"compile", "channels_last", "progress", "plot"})
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -412,11 +429,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
             raise ConfigError(f"--config {first.config}: {e}") from None
         layers += _as_argv(file_values)
     args = parser.parse_args(layers + argv)
-    cfg = Config()
-    for key, value in vars(args).items():
-        if value is not None and hasattr(cfg, key):
-            setattr(cfg, key, value)
-    return cfg
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    return Config(**given)
 
 
 def default_cache_dir() -> Path:
@@ -426,7 +440,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "fastkd"
 
 
-# Method defaults from the papers (PAPERS.md): (temperature, alpha).
+# Method defaults from the papers (docs/methods.md): (temperature, alpha).
 METHOD_KD_DEFAULTS = {
     "kd": (4.0, 0.9),
     "topk": (4.0, 0.9),
@@ -444,11 +458,7 @@ def resolve(cfg: Config, *, world_size: int = 1) -> Config:
     cfg = dataclasses.replace(cfg)
     if cfg.method is None and not cfg.demo:
         raise ConfigError("--method is required (one of " + ", ".join(METHODS) + ") or --demo")
-    if cfg.method is not None and cfg.method not in METHODS:
-        raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
-    for m in cfg.demo_methods:
-        if m not in METHODS:
-            raise ConfigError(f"--demo-methods: unknown method {m!r} (one of {', '.join(METHODS)})")
+    _check_choices(cfg)
     embedded = cfg.data is None
     if cfg.demo and not embedded:
         raise ConfigError("--demo runs on the embedded digits; drop --data")
@@ -500,13 +510,7 @@ def resolve(cfg: Config, *, world_size: int = 1) -> Config:
     if cfg.cache_dir is None:
         cfg.cache_dir = str(default_cache_dir())
 
-    for name in ("lr", "weight_decay", "momentum", "lr_gamma", "label_smoothing", "feed_beta",
-                 "cd_weight", "cd_decay", "cd_ce_weight", "cd_gkd_weight", "warmup_epochs"):
-        value = getattr(cfg, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ConfigError(f"--{name.replace('_', '-')} must be a number, got {value!r}")
-        if not math.isfinite(value) or value < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be finite and >= 0, got {value}")
+    _check_bounds(cfg)
     if cfg.lr == 0:
         raise ConfigError("--lr must be > 0")
     if cfg.label_smoothing >= 1:
@@ -516,12 +520,6 @@ def resolve(cfg: Config, *, world_size: int = 1) -> Config:
             f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over the "
             f"{world_size} ranks"
         )
-    _check_choice(cfg.optimizer, "optimizer", OPTIMIZERS)
-    _check_choice(cfg.lr_schedule, "lr-schedule", SCHEDULES)
-    _check_choice(cfg.lr_scaling, "lr-scaling", ("none", "linear"))
-    _check_choice(cfg.amp, "amp", AMP_MODES)
-    _check_choice(cfg.loss_backend, "loss-backend", LOSS_BACKENDS)
-    _check_choice(cfg.device, "device", ("auto", "cpu", "cuda"))
     if cfg.lr_schedule == "step" and not cfg.lr_milestones:
         raise ConfigError("--lr-schedule step needs --lr-milestones (epochs)")
 
@@ -531,7 +529,7 @@ def resolve(cfg: Config, *, world_size: int = 1) -> Config:
 
 
 def resolve_method(cfg: Config) -> None:
-    """Fills the method's defaults in place (PAPERS.md values, epoch boundaries scaled)."""
+    """Fills the method's defaults in place (docs/methods.md values, epoch boundaries scaled)."""
     t_default, a_default = METHOD_KD_DEFAULTS.get(cfg.method, (None, None))
     if cfg.temperature is None:
         cfg.temperature = t_default
@@ -570,6 +568,31 @@ def resolve_method(cfg: Config) -> None:
         raise ConfigError("feed needs at least one teacher")
 
 
-def _check_choice(value: object, flag: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"--{flag} must be one of {', '.join(choices)}, got {value!r}")
+def _check_choices(cfg: Config) -> None:
+    for name, o in OPTIONS.items():
+        value = getattr(cfg, name)
+        if o.choices is None or value is None:
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if v not in o.choices:
+                raise ConfigError(
+                    f"{flag(name)} must be one of {', '.join(o.choices)}, got {v!r}")
+
+
+def _check_bounds(cfg: Config) -> None:
+    """Every number against its option's lower bound (flags were checked by the parser already;
+    this catches a Config built in Python)."""
+    for name, o in OPTIONS.items():
+        value = getattr(cfg, name)
+        if o.at_least is None or value is None:
+            continue
+        if _value_type(name)[0] is int:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{flag(name)} must be an integer, got {value!r}")
+            if value < o.at_least:
+                raise ConfigError(f"{flag(name)} {_bound_message(value, o.at_least)}")
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{flag(name)} must be a number, got {value!r}")
+        if not math.isfinite(value) or value < o.at_least:
+            raise ConfigError(f"{flag(name)} must be finite and >= {o.at_least:g}, got {value}")
