@@ -1,0 +1,711 @@
+// fastkd::kd_loss_fwd on CUDA: temperature-scaled KD (soft-target cross-entropy) with optional
+// hard-label CE, per-row weights (ignore_index, guided KD) and up to 8 teachers. The contract is
+// csrc/kd_loss.h's, row for row the same as the CPU kernel (csrc/cpu/kd_loss.cpp):
+//
+//   q = softmax(s / T), p_k = softmax(t_k / T), w_k = kd_coef[k] * kd_row_weights[k, b]
+//   loss_b = T * sum_k w_k * KL(p_k || q) + v * CE(softmax(s), target),  v = ce_coef * ce_w[b]
+//   grad_b = sum_k w_k * (q - p_k) + v * (softmax(s) - target),  target = (1-eps) onehot(y) + eps/C
+//   KL(p_k || q) = sum_c p_kc (t_kc - s_c) / T + lse(s / T) - lse(t_k / T)
+//   CE = lse(s) - (1 - eps) * s_y - eps / C * sum_c s_c
+//
+// Shapes: student and teachers [outer, inner, C] with stride 1 over C and any outer/inner strides;
+// labels and row weights [rows]; per-row losses [rows] float32; gradient [rows, C] contiguous in
+// the student's dtype. float16/bfloat16/float32 logits, any student x teacher combination; float64
+// runs on the CPU backend.
+//
+// The loss is memory-bound: the student and each teacher are read once from DRAM and the gradient
+// written once, all math in float32. Two kernels, chosen by C on the host:
+//  * resident (C <= kResidentMaxCols): a row lives in registers. A warp holds a row of up to
+//    32 * kResidentElems classes (several rows per block); wider rows take a block of up to
+//    kResidentMaxThreads threads. With the whole row at hand the statistics are exact two-pass
+//    ones (max first, then the sums), as on the CPU.
+//  * streaming (wider rows): one block per row. Sweep 1 runs an online softmax over the student
+//    and the first teacher with a nonzero weight together, later teachers get one sweep each; the
+//    gradient sweep then re-reads the row, from L2 while the rows in flight (one per block) fit.
+// Rows are addressed with 64-bit offsets. 16-byte vector accesses are used when every row start is
+// 16-byte aligned and C is a multiple of the vector width (checked on the host); otherwise the
+// same kernels run with one element per access.
+//
+// Numerics: maxima are taken over the raw logits and replaced by 0 when not finite (a row of -inf
+// then gives exp() = 0, not NaN). Entries with p = 0 (teacher logit -inf, or underflow) contribute
+// exactly 0 to the cross term, even where the student is -inf, and a weight of exactly 0 skips the
+// teacher's loads and contributes exactly 0. A row whose weights are all 0 writes loss 0 and a zero
+// gradient. An out-of-range label on a row that uses CE cannot raise without a host sync: that
+// row's loss is NaN and its CE gradient is dropped (as in the Triton kernel). Each row is reduced
+// by a fixed set of threads in a fixed order (butterfly shuffles, then warps in index order) and
+//
+// This header holds the kernels and their launch plan and depends on no torch library code (only
+// on c10's header-only Half/BFloat16 types), so the launcher (kd_loss.cu) and a check that runs the
+// kernels outside torch share exactly the same code.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "cuda/memory.cuh"
+#include "kd_loss.h"
+
+// How a kernel is launched: CUDA's triple chevrons here; a check that runs the kernels through
+// another runtime defines its own launch before including this header.
+#ifndef FASTKD_LAUNCH
+#define FASTKD_LAUNCH(kernel, blocks, threads, stream, ...) \
+  kernel<<<blocks, threads, 0, stream>>>(__VA_ARGS__)
+#endif
+
+namespace fastkd::kd_cuda {
+
+using cuda::load_as;
+using cuda::store_as;
+
+
+// ---- Launch shapes (all tuning knobs are here) -------------------------------------------------
+// Classes of one row a thread of the resident kernel keeps in registers, for the student and for
+// the teacher in hand (and, with several teachers, for their running gradient term): 3 x 16
+// floats leave room below the 128 registers a 512-thread block allows.
+constexpr int kResidentElems = 16;
+// Threads per row at most in the resident kernel; wider rows stream.
+constexpr int kResidentMaxThreads = 512;
+constexpr int kResidentMaxCols = kResidentElems * kResidentMaxThreads;
+static_assert(kResidentElems % 8 == 0, "a thread's share is a whole number of 16-byte vectors");
+static_assert(kResidentMaxThreads >= 64 && kResidentMaxThreads <= 1024 &&
+                  (kResidentMaxThreads & (kResidentMaxThreads - 1)) == 0,
+              "threads per row double from one warp up to kResidentMaxThreads");
+// Rows per block when one warp holds a row (C <= 32 * kResidentElems).
+constexpr int kWarpRowsPerBlock = 8;
+// Threads per row (= per block) of the streaming kernel, and the classes each thread loads per
+// step of a sweep (several independent 16-byte loads in flight per thread).
+constexpr int kStreamThreads = 512;
+constexpr int kStreamElems = 16;
+// At least two warps, so that every reduction is a block barrier: the per-teacher values one
+// thread leaves in shared memory for the gradient sweep rely on it.
+static_assert(kStreamThreads % 32 == 0 && kStreamThreads >= 64 && kStreamThreads <= 1024,
+              "the streaming kernel needs whole warps, at least two of them");
+static_assert(kStreamElems % 8 == 0, "a step is a whole number of 16-byte vectors");
+// Grid size at most; the kernels loop over rows beyond it.
+constexpr int64_t kMaxBlocks = std::numeric_limits<int32_t>::max();
+
+// ---- Row helpers ------------------------------------------------------------------------------
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+__device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000); }
+
+// The reference point of a softmax: the row maximum, or 0 when that is not finite, so that an
+// all -inf row gives exp(-inf - 0) = 0 instead of exp(-inf + inf) = NaN (as on the CPU).
+__device__ __forceinline__ float finite_or_zero(float m) { return isfinite(m) ? m : 0.0f; }
+
+// The weights of one row, read by every thread of the row (the same addresses: one transaction).
+struct RowPlan {
+  unsigned active = 0;  // bit k: teacher k has a nonzero weight on this row
+  float w_sum = 0.0f;   // sum_k w_k
+  float v = 0.0f;       // CE weight of the loss
+  float v_g = 0.0f;     // CE weight of the gradient: v, or 0 when the label is out of range
+  int64_t y = -1;       // the label's column when the CE term is on and the label is in range
+
+  __device__ bool skip() const { return active == 0 && v == 0.0f; }
+  __device__ bool bad_label() const { return v != 0.0f && y < 0; }
+};
+
+__device__ __forceinline__ float teacher_weight(const KDLossArgs& a, int k, int64_t row) {
+  const float w = static_cast<float>(a.kd_coef[k]);
+  if (a.kd_row_weights == nullptr) return w;
+  return w * static_cast<const float*>(a.kd_row_weights)[k * a.kd_row_weights_stride + row];
+}
+
+__device__ __forceinline__ RowPlan plan_row(const KDLossArgs& a, int64_t row) {
+  RowPlan p;
+  for (int k = 0; k < a.num_teachers; ++k) {
+    const float w = teacher_weight(a, k, row);
+    p.w_sum += w;
+    if (w != 0.0f) p.active |= 1u << k;
+  }
+  if (a.ce_coef != 0.0) {
+    p.v = static_cast<float>(a.ce_coef);
+    if (a.ce_row_weights != nullptr) p.v *= static_cast<const float*>(a.ce_row_weights)[row];
+    if (p.v != 0.0f) {
+      const int64_t y = a.labels[row];
+      if (y >= 0 && y < a.cols) {
+        p.y = y;
+        p.v_g = p.v;
+      }
+    }
+  }
+  return p;
+}
+
+template <typename T>
+__device__ __forceinline__ const T* student_row(const KDLossArgs& a, int64_t row) {
+  return static_cast<const T*>(a.student) +
+         row_offset(row, a.inner, a.s_stride_outer, a.s_stride_inner);
+}
+
+template <typename T>
+__device__ __forceinline__ const T* teacher_row(const KDLossArgs& a, int k, int64_t row) {
+  return static_cast<const T*>(a.teachers[k]) +
+         row_offset(row, a.inner, a.t_stride_outer[k], a.t_stride_inner[k]);
+}
+
+struct Sum {
+  __device__ float operator()(float x, float y) const { return x + y; }
+};
+struct Max {
+  __device__ float operator()(float x, float y) const { return fmaxf(x, y); }
+};
+
+// All-reductions over the threads that share a row: one warp (shuffles only, so the rows of a
+// block's warps never wait for each other), or a whole block (shuffles, then the warps' partials
+// through shared memory, combined by every thread in warp order). The butterfly leaves the same
+// bits in every lane, so all threads of a row agree exactly. Shared memory has two slots used in
+// turn: a slot is rewritten two reductions later, after a barrier that every reader of its
+// previous contents reached only once done reading, so one __syncthreads per reduction suffices.
+// Every thread of a block-wide group must make the same sequence of calls.
+template <int kMaxWarps, int kMaxValues>
+class RowGroup {
+ public:
+  static constexpr int kSmemFloats = 2 * kMaxWarps * kMaxValues;
+
+  __device__ RowGroup(int threads, float* smem) : warps_(threads / 32), smem_(smem) {}
+
+  template <int N>
+  __device__ void sum(float (&x)[N]) {
+    reduce(x, Sum{});
+  }
+  template <int N>
+  __device__ void max(float (&x)[N]) {
+    reduce(x, Max{});
+  }
+  __device__ float max(float x) {
+    float v[1] = {x};
+    reduce(v, Max{});
+    return v[0];
+  }
+
+ private:
+  template <int N, typename Op>
+  __device__ void reduce(float (&x)[N], Op op) {
+    static_assert(N <= kMaxValues, "RowGroup holds at most kMaxValues values per reduction");
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) x[i] = op(x[i], __shfl_xor_sync(0xffffffffu, x[i], o));
+    }
+    if (warps_ == 1) return;
+    float* slot = smem_ + parity_ * (kMaxWarps * kMaxValues);
+    parity_ ^= 1;
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) slot[warp * N + i] = x[i];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      float r = slot[i];
+      for (int w = 1; w < warps_; ++w) r = op(r, slot[w * N + i]);
+      x[i] = r;
+    }
+  }
+
+  int warps_;
+  float* smem_;
+  int parity_ = 0;
+};
+
+// ---- Resident kernel: a row in registers --------------------------------------------------------
+//
+// `tpr` threads (a power of two, 32 to kResidentMaxThreads) hold one row: thread `lane` holds the
+// VEC-wide vectors j * tpr + lane, j < CH, so every access of a warp is contiguous. A block holds
+// kWarpRowsPerBlock rows when tpr = 32 and one row otherwise. MULTI (more than one teacher) adds a
+// register array for sum_k (w_k / z_k) exp_k.
+template <int CH, int VEC, typename T>
+__device__ __forceinline__ void load_resident(const T* row, float (&x)[CH][VEC], int nch, int tpr,
+                                              int lane, int C) {
+#pragma unroll
+  for (int j = 0; j < CH; ++j) {
+    const int col = (j * tpr + lane) * VEC;
+    if (j < nch && col < C) {
+      load_as<VEC>(row + col, x[j]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) x[j][e] = neg_inf();
+    }
+  }
+}
+
+template <typename S, typename Tt, int VEC, bool MULTI>
+__global__ void __launch_bounds__(kResidentMaxThreads)
+    kd_loss_resident_kernel(const __grid_constant__ KDLossArgs a, int tpr) {
+  constexpr int CH = kResidentElems / VEC;
+  using Group = RowGroup<kResidentMaxThreads / 32, 3>;
+  __shared__ float smem[Group::kSmemFloats];
+  Group group(tpr, smem);
+
+  const int C = static_cast<int>(a.cols);
+  const int lane = threadIdx.x % tpr;
+  const int rows_per_block = blockDim.x / tpr;
+  // Chunks that hold any of the row's columns; later ones are skipped (all threads alike).
+  const int nch = min(CH, (C + tpr * VEC - 1) / (tpr * VEC));
+  const float T = static_cast<float>(a.temperature);
+  const float inv_T = 1.0f / T;
+  const bool unit_T = a.temperature == 1.0;
+  const float eps = static_cast<float>(a.label_smoothing);
+  auto* row_loss = static_cast<float*>(a.row_loss);
+
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / tpr;
+       row < a.rows; row += static_cast<int64_t>(gridDim.x) * rows_per_block) {
+    const RowPlan p = plan_row(a, row);
+    S* g_row = a.grad != nullptr ? static_cast<S*>(a.grad) + row * a.cols : nullptr;
+
+    if (p.skip()) {
+      if (g_row != nullptr) {
+        const float zero[VEC] = {};
+#pragma unroll
+        for (int j = 0; j < CH; ++j) {
+          const int col = (j * tpr + lane) * VEC;
+          if (j < nch && col < C) store_as<VEC>(g_row + col, zero);
+        }
+      }
+      if (lane == 0) row_loss[row] = 0.0f;
+      continue;
+    }
+
+    // Student: exact max, then sum exp((s - m) / T), sum exp(s - m) for CE at T != 1, sum s for
+    // label smoothing.
+    const S* s_row = student_row<S>(a, row);
+    float s[CH][VEC];
+    load_resident(s_row, s, nch, tpr, lane, C);
+    float mx = neg_inf();
+#pragma unroll
+    for (int j = 0; j < CH; ++j) {
+      if (j < nch) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) mx = fmaxf(mx, s[j][e]);
+      }
+    }
+    const float m_s = finite_or_zero(group.max(mx));
+    const bool need_e1 = p.v != 0.0f && !unit_T;
+    const bool need_sum = p.v != 0.0f && eps != 0.0f;
+    float st[3] = {0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < CH; ++j) {
+      if (j < nch) {
+        const bool valid = (j * tpr + lane) * VEC < C;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float x = s[j][e];
+          st[0] += __expf((x - m_s) * inv_T);
+          if (need_e1) st[1] += __expf(x - m_s);
+          if (need_sum && valid) st[2] += x;
+        }
+      }
+    }
+    group.sum(st);
+    const float z_s = st[0], z_1 = st[1], sum_s = st[2];
+    const float lse_q = m_s * inv_T + __logf(z_s);
+
+    // Teachers with a nonzero weight, one at a time: exact max, then the normaliser and the cross
+    // term sum_c e_c (t_c - s_c) / T from the same exponentials, which stay in t[] (one teacher)
+    // or are added into acc[] (several) for the gradient.
+    float loss = 0.0f;
+    float p_coef = 0.0f;
+    float t[CH][VEC];
+    float acc[MULTI ? CH : 1][VEC];
+    if constexpr (MULTI) {
+#pragma unroll
+      for (int j = 0; j < CH; ++j) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[j][e] = 0.0f;
+      }
+    }
+    for (unsigned bits = p.active; bits != 0; bits &= bits - 1) {
+      const int k = __ffs(bits) - 1;
+      const float w = teacher_weight(a, k, row);
+      load_resident(teacher_row<Tt>(a, k, row), t, nch, tpr, lane, C);
+      float mt = neg_inf();
+#pragma unroll
+      for (int j = 0; j < CH; ++j) {
+        if (j < nch) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) mt = fmaxf(mt, t[j][e]);
+        }
+      }
+      const float m_t = finite_or_zero(group.max(mt));
+      float zc[2] = {0.0f, 0.0f};
+#pragma unroll
+      for (int j = 0; j < CH; ++j) {
+        if (j < nch) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            const float x = t[j][e];
+            const float ex = __expf((x - m_t) * inv_T);
+            zc[0] += ex;
+            // p = 0 contributes 0 even where t - s is inf or NaN (a select, not a product).
+            zc[1] += ex > 0.0f ? ex * ((x - s[j][e]) * inv_T) : 0.0f;
+            t[j][e] = ex;
+          }
+        }
+      }
+      group.sum(zc);
+      const float lse_t = m_t * inv_T + __logf(zc[0]);
+      loss += w * T * (zc[1] / zc[0] + lse_q - lse_t);
+      const float coef = w / zc[0];
+      if constexpr (MULTI) {
+#pragma unroll
+        for (int j = 0; j < CH; ++j) {
+          if (j < nch) {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[j][e] += coef * t[j][e];
+          }
+        }
+      } else {
+        p_coef = coef;
+      }
+    }
+
+    if (p.v != 0.0f) {
+      if (p.bad_label()) {
+        loss = quiet_nan();
+      } else {
+        const float s_y = static_cast<float>(s_row[p.y]);
+        const float lse_1 = unit_T ? lse_q : m_s + __logf(z_1);
+        const float smooth = eps != 0.0f ? eps / static_cast<float>(C) * sum_s : 0.0f;
+        loss += p.v * (lse_1 - (1.0f - eps) * s_y - smooth);
+      }
+    }
+    if (lane == 0) row_loss[row] = loss;
+
+    if (g_row != nullptr) {
+      // g = (sum_k w_k) q - sum_k w_k p_k + v (softmax(s) - eps / C) - v (1 - eps) onehot(y),
+      // each entry rounded to the student's dtype once.
+      const bool use_e1 = p.v_g != 0.0f && !unit_T;
+      const float c_q = p.w_sum / z_s + (p.v_g != 0.0f && unit_T ? p.v_g / z_s : 0.0f);
+      const float c_1 = use_e1 ? p.v_g / z_1 : 0.0f;
+      const float c_off = p.v_g * eps / static_cast<float>(C);
+      const float c_y = p.v_g * (1.0f - eps);
+#pragma unroll
+      for (int j = 0; j < CH; ++j) {
+        const int col = (j * tpr + lane) * VEC;
+        if (j < nch && col < C) {
+          float out[VEC];
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            const float x = s[j][e];
+            float o = __expf((x - m_s) * inv_T) * c_q - c_off;
+            if constexpr (MULTI) {
+              o -= acc[j][e];
+            } else {
+              if (p.active != 0) o -= p_coef * t[j][e];
+            }
+            if (use_e1) o += __expf(x - m_s) * c_1;
+            if (col + e == p.y) o -= c_y;
+            out[e] = o;
+          }
+          store_as<VEC>(g_row + col, out);
+        }
+      }
+    }
+  }
+}
+
+// ---- Streaming kernel: one block per row, online softmax ----------------------------------------
+//
+// Thread `tid` takes the VEC-wide vectors tid + u * kStreamThreads (u < U) of each step of
+// U * kStreamThreads vectors, so U independent accesses per tensor are in flight per thread. Each
+// thread keeps running statistics relative to its running maximum; the block combines them after
+// the sweep by rescaling every thread's sums to the row maximum.
+
+// Running sums of one thread relative to its running maximum m of the raw logits.
+struct StudentRun {
+  float m, z, z1, sum;  // z: sum exp((s - m) / T); z1: sum exp(s - m); sum: sum s
+};
+struct TeacherRun {
+  float m, z, cross;  // z: sum exp((t - m) / T); cross: sum exp((t - m) / T) (t - s) / T
+};
+
+// exp((m_old - m_new) * scale): the factor that moves sums taken relative to m_old to m_new.
+// Exactly 1 when the maximum did not change, and 0 when m_old = -inf (the sums are 0 then).
+__device__ __forceinline__ float rescale(float m_old, float m_new, float scale) {
+  return m_old == m_new ? 1.0f : __expf((m_old - finite_or_zero(m_new)) * scale);
+}
+
+template <int U, int VEC>
+__device__ __forceinline__ float max_of(const float (&x)[U][VEC]) {
+  float m = neg_inf();
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) m = fmaxf(m, x[u][e]);
+  }
+  return m;
+}
+
+template <int U, int VEC, typename T>
+__device__ __forceinline__ void load_step(const T* row, int base, int nvec, float (&x)[U][VEC]) {
+  const T* p = row + static_cast<int64_t>(base) * VEC;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    if (base + u * kStreamThreads < nvec) {
+      load_as<VEC>(p + u * kStreamThreads * VEC, x[u]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) x[u][e] = neg_inf();
+    }
+  }
+}
+
+// One sweep over the row: the student's running sums when `student`, and teacher t_row's (which
+// may be null) running sums and cross term.
+template <int U, int VEC, typename S, typename Tt>
+__device__ void stream_stats(const S* s_row, const Tt* t_row, bool student, bool need_e1,
+                             bool need_sum, int nvec, float inv_T, StudentRun& sr,
+                             TeacherRun& tr) {
+  for (int base = threadIdx.x; base < nvec; base += U * kStreamThreads) {
+    float xs[U][VEC];
+    float xt[U][VEC];
+    load_step(s_row, base, nvec, xs);
+    if (t_row != nullptr) load_step(t_row, base, nvec, xt);
+    if (student) {
+      const float m_new = fmaxf(sr.m, max_of(xs));
+      const float ref = finite_or_zero(m_new);
+      sr.z *= rescale(sr.m, m_new, inv_T);
+      if (need_e1) sr.z1 *= rescale(sr.m, m_new, 1.0f);
+      sr.m = m_new;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const bool valid = base + u * kStreamThreads < nvec;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float x = xs[u][e];
+          sr.z += __expf((x - ref) * inv_T);
+          if (need_e1) sr.z1 += __expf(x - ref);
+          if (need_sum && valid) sr.sum += x;
+        }
+      }
+    }
+    if (t_row != nullptr) {
+      const float m_new = fmaxf(tr.m, max_of(xt));
+      const float ref = finite_or_zero(m_new);
+      const float f = rescale(tr.m, m_new, inv_T);
+      tr.z *= f;
+      // A cross term whose weights all underflow to 0 is 0, even if it was inf.
+      tr.cross = f > 0.0f ? tr.cross * f : 0.0f;
+      tr.m = m_new;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float x = xt[u][e];
+          const float ex = __expf((x - ref) * inv_T);
+          tr.z += ex;
+          tr.cross += ex > 0.0f ? ex * ((x - xs[u][e]) * inv_T) : 0.0f;
+        }
+      }
+    }
+  }
+}
+
+template <typename S, typename Tt, int VEC>
+__global__ void __launch_bounds__(kStreamThreads)
+    kd_loss_stream_kernel(const __grid_constant__ KDLossArgs a) {
+  constexpr int U = kStreamElems / VEC;
+  using Group = RowGroup<kStreamThreads / 32, 5>;
+  __shared__ float smem[Group::kSmemFloats];
+  // Per active teacher, for the gradient sweep: w_k / z_k, the max of t_k, the row pointer.
+  __shared__ float t_coef[kMaxTeachers];
+  __shared__ float t_ref[kMaxTeachers];
+  __shared__ const Tt* t_ptr[kMaxTeachers];
+  Group group(kStreamThreads, smem);
+
+  const int C = static_cast<int>(a.cols);
+  const int nvec = C / VEC;
+  const float T = static_cast<float>(a.temperature);
+  const float inv_T = 1.0f / T;
+  const bool unit_T = a.temperature == 1.0;
+  const float eps = static_cast<float>(a.label_smoothing);
+  auto* row_loss = static_cast<float*>(a.row_loss);
+
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const RowPlan p = plan_row(a, row);
+    S* g_row = a.grad != nullptr ? static_cast<S*>(a.grad) + row * a.cols : nullptr;
+
+    if (p.skip()) {
+      if (g_row != nullptr) {
+        const float zero[VEC] = {};
+        for (int i = threadIdx.x; i < nvec; i += kStreamThreads) {
+          store_as<VEC>(g_row + static_cast<int64_t>(i) * VEC, zero);
+        }
+      }
+      if (threadIdx.x == 0) row_loss[row] = 0.0f;
+      continue;
+    }
+
+    const S* s_row = student_row<S>(a, row);
+    const bool need_e1 = p.v != 0.0f && !unit_T;
+    const bool need_sum = p.v != 0.0f && eps != 0.0f;
+    float z_s = 0.0f, z_1 = 0.0f, sum_s = 0.0f, m_s = 0.0f;
+    float loss = 0.0f;
+    // The student's statistics ride along with the first active teacher's sweep (or get a sweep
+    // of their own when no teacher is active).
+    bool first = true;
+    unsigned bits = p.active;
+    do {
+      const int k = bits != 0 ? __ffs(bits) - 1 : -1;
+      const Tt* t_row = k >= 0 ? teacher_row<Tt>(a, k, row) : nullptr;
+      StudentRun sr{neg_inf(), 0.0f, 0.0f, 0.0f};
+      TeacherRun tr{neg_inf(), 0.0f, 0.0f};
+      stream_stats<U, VEC>(s_row, t_row, first, need_e1, need_sum, nvec, inv_T, sr, tr);
+
+      // Rescale every thread's sums to the row maxima, then add them up.
+      float mm[2] = {sr.m, tr.m};
+      group.max(mm);
+      float sums[5];
+      const float f_t = rescale(tr.m, mm[1], inv_T);
+      sums[0] = tr.z * f_t;
+      sums[1] = f_t > 0.0f ? tr.cross * f_t : 0.0f;
+      if (first) {
+        sums[2] = sr.z * rescale(sr.m, mm[0], inv_T);
+        sums[3] = sr.z1 * rescale(sr.m, mm[0], 1.0f);
+        sums[4] = sr.sum;
+        group.sum(sums);
+        m_s = finite_or_zero(mm[0]);
+        z_s = sums[2];
+        z_1 = sums[3];
+        sum_s = sums[4];
+      } else {
+        float zc[2] = {sums[0], sums[1]};
+        group.sum(zc);
+        sums[0] = zc[0];
+        sums[1] = zc[1];
+      }
+      const float lse_q = m_s * inv_T + __logf(z_s);
+      if (k >= 0) {
+        const float w = teacher_weight(a, k, row);
+        const float m_t = finite_or_zero(mm[1]);
+        const float lse_t = m_t * inv_T + __logf(sums[0]);
+        loss += w * T * (sums[1] / sums[0] + lse_q - lse_t);
+        if (threadIdx.x == 0) {
+          t_coef[k] = w / sums[0];
+          t_ref[k] = m_t;
+          t_ptr[k] = t_row;
+        }
+        bits &= bits - 1;
+      }
+      first = false;
+    } while (bits != 0);
+
+    if (p.v != 0.0f) {
+      if (p.bad_label()) {
+        loss = quiet_nan();
+      } else {
+        const float s_y = static_cast<float>(s_row[p.y]);
+        const float lse_1 = unit_T ? m_s * inv_T + __logf(z_s) : m_s + __logf(z_1);
+        const float smooth = eps != 0.0f ? eps / static_cast<float>(C) * sum_s : 0.0f;
+        loss += p.v * (lse_1 - (1.0f - eps) * s_y - smooth);
+      }
+    }
+    if (threadIdx.x == 0) row_loss[row] = loss;
+
+    if (g_row != nullptr) {
+      __syncthreads();  // t_coef / t_ref / t_ptr of this row are visible to every thread
+      const bool use_e1 = p.v_g != 0.0f && !unit_T;
+      const float c_q = p.w_sum / z_s + (p.v_g != 0.0f && unit_T ? p.v_g / z_s : 0.0f);
+      const float c_1 = use_e1 ? p.v_g / z_1 : 0.0f;
+      const float c_off = p.v_g * eps / static_cast<float>(C);
+      const float c_y = p.v_g * (1.0f - eps);
+      for (int base = threadIdx.x; base < nvec; base += U * kStreamThreads) {
+        float xs[U][VEC];
+        float out[U][VEC];
+        load_step(s_row, base, nvec, xs);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int col = (base + u * kStreamThreads) * VEC;
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            const float x = xs[u][e];
+            float o = __expf((x - m_s) * inv_T) * c_q - c_off;
+            if (use_e1) o += __expf(x - m_s) * c_1;
+            if (col + e == p.y) o -= c_y;
+            out[u][e] = o;
+          }
+        }
+        for (unsigned tb = p.active; tb != 0; tb &= tb - 1) {
+          const int k = __ffs(tb) - 1;
+          const float coef = t_coef[k];
+          const float ref = t_ref[k];
+          float xt[U][VEC];
+          load_step(t_ptr[k], base, nvec, xt);
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) out[u][e] -= coef * __expf((xt[u][e] - ref) * inv_T);
+          }
+        }
+        S* g = g_row + static_cast<int64_t>(base) * VEC;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          if (base + u * kStreamThreads < nvec) store_as<VEC>(g + u * kStreamThreads * VEC, out[u]);
+        }
+      }
+    }
+  }
+}
+// ---- Launch plan (torch-free, so that a launcher and a check outside torch share it) -----------
+
+struct LaunchPlan {
+  bool resident;        // resident kernel (else streaming)
+  int threads_per_row;  // resident: 32 .. kResidentMaxThreads; streaming: kStreamThreads
+  unsigned blocks;
+  unsigned threads;     // per block
+};
+
+inline LaunchPlan plan_launch(const KDLossArgs& a) {
+  if (a.cols <= kResidentMaxCols) {
+    int tpr = 32;
+    while (tpr * kResidentElems < a.cols) tpr *= 2;
+    const int rows_per_block = tpr == 32 ? kWarpRowsPerBlock : 1;
+    const auto blocks = static_cast<unsigned>(
+        std::min<int64_t>((a.rows + rows_per_block - 1) / rows_per_block, kMaxBlocks));
+    return {true, tpr, blocks, static_cast<unsigned>(tpr * rows_per_block)};
+  }
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>(a.rows, kMaxBlocks));
+  return {false, kStreamThreads, blocks, static_cast<unsigned>(kStreamThreads)};
+}
+
+// Launches the planned kernel; returns the launch's error code.
+template <typename S, typename Tt, int VEC>
+cudaError_t launch(const KDLossArgs& a, cudaStream_t stream) {
+  const LaunchPlan p = plan_launch(a);
+  if (p.resident) {
+    auto* kernel = a.num_teachers > 1 ? kd_loss_resident_kernel<S, Tt, VEC, true>
+                                      : kd_loss_resident_kernel<S, Tt, VEC, false>;
+    FASTKD_LAUNCH(kernel, p.blocks, p.threads, stream, a, p.threads_per_row);
+  } else {
+    auto* kernel = kd_loss_stream_kernel<S, Tt, VEC>;
+    FASTKD_LAUNCH(kernel, p.blocks, p.threads, stream, a);
+  }
+  return cudaGetLastError();
+}
+
+// Whether every row of a [outer, inner, C] tensor starts on a 16-byte boundary.
+inline bool rows_aligned(const void* base, int64_t stride_outer, int64_t stride_inner,
+                         int64_t outer, int64_t inner, int64_t elem_size) {
+  return cuda::is_aligned(base, 16) && (outer == 1 || stride_outer * elem_size % 16 == 0) &&
+         (inner == 1 || stride_inner * elem_size % 16 == 0);
+}
+
+// Picks 16-byte vectors when every row, the gradient and C allow them, else one element per
+// access; launches and returns the launch's error code.
+template <typename S, typename Tt>
+cudaError_t launch_for_layout(const KDLossArgs& a, int64_t outer, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(S);
+  bool vec = a.cols % kVec == 0 && (a.grad == nullptr || cuda::is_aligned(a.grad, 16)) &&
+             rows_aligned(a.student, a.s_stride_outer, a.s_stride_inner, outer, a.inner,
+                          sizeof(S));
+  for (int k = 0; k < a.num_teachers; ++k) {
+    vec = vec && rows_aligned(a.teachers[k], a.t_stride_outer[k], a.t_stride_inner[k], outer,
+                              a.inner, sizeof(Tt));
+  }
+  return vec ? launch<S, Tt, kVec>(a, stream) : launch<S, Tt, 1>(a, stream);
+}
+
+}  // namespace fastkd::kd_cuda
