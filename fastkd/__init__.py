@@ -8,6 +8,8 @@ feature-map loss over every stage of a network in one fused call.
 maps onto teacher maps (FitNet hints, neighbourhood distillation, FEED), all stages in one launch.
 """
 
+import torch  # noqa: F401  (first: the extension fastkd._C links against torch's libraries)
+
 from . import (
     memory,
     nn,

@@ -18,6 +18,10 @@ from pathlib import Path
 
 import torch
 
+from . import _C
+
+# Every backend's name: the one list the functional forms, the modules, the benchmark and the
+# trainer take their choices from.
 BACKENDS = ("cpu", "cuda", "triton", "torch")
 CHOICES = ("auto",) + BACKENDS
 
@@ -34,15 +38,6 @@ TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _TUNING_DIR = Path(__file__).parent / "tuning"
 
 
-def _load_extension() -> tuple[bool, bool, str]:
-    """(C++ ops loaded, CUDA kernels built, reason when not)."""
-    try:
-        from . import _C
-    except ImportError as e:  # pragma: no cover - a broken install
-        return False, False, f"the fastkd._C extension failed to load ({e})"
-    return True, bool(_C.with_cuda), "the fastkd._C extension was built without CUDA"
-
-
 def _load_triton() -> str | None:
     """None when the Triton kernels can run, else why not."""
     try:
@@ -55,8 +50,9 @@ def _load_triton() -> str | None:
 
 
 # Facts of this installation, fixed at import so that backend choice traces to constants under
-# torch.compile.
-EXTENSION_LOADED, EXTENSION_WITH_CUDA, EXTENSION_REASON = _load_extension()
+# torch.compile. fastkd does not import without its extension (fastkd.ops registers the fake
+# implementations of the extension's ops), so only its CUDA part can be missing.
+EXTENSION_WITH_CUDA = bool(_C.with_cuda)
 TRITON_REASON = _load_triton()
 
 
@@ -66,19 +62,14 @@ def triton_status() -> str | None:
 
 def device_reason(backend: str, device: torch.device) -> str | None:
     """Why `backend` cannot run on `device`, or None. Loss-independent part of the checks."""
-    loaded, with_cuda, why_not = EXTENSION_LOADED, EXTENSION_WITH_CUDA, EXTENSION_REASON
     if backend == "torch":
         return None
     if backend == "cpu":
-        if device.type != "cpu":
-            return f"tensors are on {device}, not the CPU"
-        return None if loaded else why_not
+        return None if device.type == "cpu" else f"tensors are on {device}, not the CPU"
     if backend == "cuda":
         if device.type != "cuda":
             return f"tensors are on {device}, not a CUDA device"
-        if not loaded or not with_cuda:
-            return why_not
-        return None
+        return None if EXTENSION_WITH_CUDA else "the fastkd._C extension was built without CUDA"
     if backend == "triton":
         reason = triton_status()
         if reason is not None:
@@ -153,15 +144,12 @@ def choose(
     dtype: torch.dtype | None = None,
     size: int = 0,
 ) -> str:
-    """Picks the backend for one call.
+    """Picks the backend for one call; `requested` is one of CHOICES (the caller checked it).
 
     `input_reasons` maps a backend to a function returning why it cannot run these particular
     inputs (beyond the device), or None. `dtype` and `size` select the measured winner from the
     tuning table (see `measured_order`).
     """
-    if requested not in CHOICES:
-        choices = ", ".join(map(repr, CHOICES))
-        raise ValueError(f"backend must be one of {choices}, got {requested!r}")
     if requested == "auto":
         requested = _ENV_BACKEND
 

@@ -16,22 +16,14 @@ them. CUDA outputs use PyTorch's CUDA caching allocator as before.
 
 from __future__ import annotations
 
-from . import backends
-
-
-def _extension():
-    if not backends.EXTENSION_LOADED:
-        raise RuntimeError(backends.EXTENSION_REASON)
-    from . import _C
-
-    return _C
+from . import _C
 
 
 def cpu_cache_info() -> dict[str, int]:
     """``cached_bytes`` (freed blocks ready for reuse), ``in_use_bytes`` (blocks of live tensors),
     ``limit_bytes``, and the ``hits`` and ``misses`` of requests of 1 MiB or more since the
     extension loaded."""
-    cached, in_use, limit, hits, misses = _extension().cpu_cache_info()
+    cached, in_use, limit, hits, misses = _C.cpu_cache_info()
     return {"cached_bytes": cached, "in_use_bytes": in_use, "limit_bytes": limit, "hits": hits,
             "misses": misses}
 
@@ -42,9 +34,9 @@ def set_cpu_cache_limit(nbytes: int) -> None:
         raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__}")
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-    _extension().set_cpu_cache_limit(nbytes)
+    _C.set_cpu_cache_limit(nbytes)
 
 
 def empty_cpu_cache() -> None:
     """Releases every cached block to the system (blocks in use stay where they are)."""
-    _extension().empty_cpu_cache()
+    _C.empty_cpu_cache()

@@ -11,15 +11,13 @@ from pathlib import Path
 
 import torch
 
-from ..backends import EXTENSION_LOADED
+from ..backends import CHOICES as BACKEND_CHOICES
 from ..memory import cpu_cache_info
 from . import available_losses, load_loss
 from ._core import DTYPES, MODES, PEERS, Selection, parse_shape, shape_str
 from ._report import Results, environment, markdown, now, plot, table
 from ._runner import Runner, Settings
 from ._timing import CACHE_STATES
-
-FASTKD_BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
 BENCH_EPILOG = """\
 Every case is timed for fastkd (backend auto, plus each --backend) and each peer. GB/s counts the
@@ -43,11 +41,6 @@ _TIMING_ENV_PREFIXES = ("MALLOC_", "FASTKD_", "ATEN_", "OMP_", "MKL_", "THP_", "
 
 def _timing_env() -> dict[str, str]:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(_TIMING_ENV_PREFIXES)}
-
-
-def _block_cache_limit() -> int | None:
-    # None when the extension did not load (the fastkd[cpu] rows are skipped then)
-    return cpu_cache_info()["limit_bytes"] if EXTENSION_LOADED else None
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -105,7 +98,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--backend",
         nargs="+",
-        choices=FASTKD_BACKENDS,
+        choices=BACKEND_CHOICES,
         default=[],
         help="fastkd backends to time in addition to auto (e.g. triton cuda)",
     )
@@ -326,7 +319,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 "threads": torch.get_num_threads(),
                 # fastkd's own CPU outputs reuse freed blocks up to this many bytes (fastkd.memory;
                 # FASTKD_CPU_CACHE_MB=0 times them with fresh memory, as the peers get it).
-                "fastkd_cpu_block_cache_bytes": _block_cache_limit(),
+                "fastkd_cpu_block_cache_bytes": cpu_cache_info()["limit_bytes"],
                 "environment_variables": _timing_env(),
             },
             "copy_bandwidth": copy,
