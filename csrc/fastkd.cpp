@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "block_cache.h"
+#include "kd_loss.h"
 
 TORCH_LIBRARY(fastkd, m) {
   // Soft-target cross-entropy family (Hinton KD, CE-mixed KD, guided KD, teacher cohorts), one
@@ -89,5 +90,7 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   PyModule_AddIntConstant(module, "with_cuda", 0);
 #endif
+  // Teachers one kd_loss_fwd call takes; the Python layers and the Triton kernel read it from here.
+  PyModule_AddIntConstant(module, "max_teachers", fastkd::kMaxTeachers);
   return module;
 }

@@ -20,6 +20,8 @@
 
 namespace fastkd {
 
+// Teachers one kd_loss_fwd call takes: the one definition of the limit, read by Python as
+// fastkd._C.max_teachers (the Triton kernel has one pointer argument per teacher, t0..t7).
 constexpr int kMaxTeachers = 8;
 
 struct KDLossArgs {

@@ -15,7 +15,6 @@ from numbers import Real
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-REDUCED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def check_float_tensor(x: object, name: str) -> torch.Tensor:
@@ -69,20 +68,28 @@ def check_choice(x: object, name: str, choices: Sequence[str]) -> str:
     return x
 
 
-def check_weights(weights: object, count: int | None, name: str) -> list[float]:
-    """`count` non-negative finite numbers (default all 1.0). `count=None` accepts any number of
-    given weights (their count is checked later, e.g. by a module at each call)."""
+def check_weights(weights: object, name: str) -> list[float] | None:
+    """None, or non-negative finite numbers (a list/tuple or a 1-D tensor) as a list of floats.
+    How many there must be depends on the call's tensors: see `weights_for`."""
     if weights is None:
-        return [1.0] * count
+        return None
     if isinstance(weights, torch.Tensor):
         if weights.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(weights.shape)}")
         weights = weights.tolist()
     if not isinstance(weights, (list, tuple)):
         raise TypeError(f"{name} must be a list or tuple of numbers, got {type(weights).__name__}")
-    if count is not None and len(weights) != count:
-        raise ValueError(f"{name} must hold {count} values (one per pair), got {len(weights)}")
     return [check_real(w, f"{name}[{i}]", low=0.0) for i, w in enumerate(weights)]
+
+
+def weights_for(weights: list[float] | None, count: int, name: str, per: str) -> list[float]:
+    """`count` weights, one per `per` (``"pair"``, ``"teacher"``), from the result of
+    `check_weights`: all 1.0 when none were given."""
+    if weights is None:
+        return [1.0] * count
+    if len(weights) != count:
+        raise ValueError(f"{name} must hold {count} values (one per {per}), got {len(weights)}")
+    return weights
 
 
 def check_same_device(ref: torch.Tensor, x: torch.Tensor, name: str, ref_name: str) -> None:

@@ -236,6 +236,30 @@ def test_nine_teachers_auto_falls_back_to_torch():
     assert log.kd_calls() == [], "9 teachers exceed the kernels; auto must run the torch backend"
 
 
+@pytest.mark.parametrize("backend", FUSED)
+def test_teacher_limit_comes_from_the_extension(backend):
+    """csrc/kd_loss.h defines the limit; the functional form and the Triton kernel (one pointer
+    argument per teacher) read it from fastkd._C, and the ops enforce it."""
+    limit = fastkd._C.max_teachers
+    s, ts, _ = make_inputs((2, 9), teachers=limit + 1, labels=False)
+    with pytest.raises(ValueError, match=rf"{backend}: {limit + 1} teachers; the kernels take at "
+                                         rf"most {limit}"):
+        fastkd.kd_loss(s, ts, backend=backend)
+    check_against_reference(backend, s, ts[:limit], None)
+    s3, t3 = s.unsqueeze(1), [t.unsqueeze(1) for t in ts]
+    op = {"cpu": torch.ops.fastkd.kd_loss_fwd, "triton": torch.ops.fastkd.kd_loss_fwd_triton}
+    with pytest.raises((RuntimeError, ValueError), match=rf"takes 1 to {limit} teachers"):
+        op[backend](s3, t3, None, None, None, [1.0] * len(t3), 0.0, 1.0, 0.0, -100, False, False)
+    if backend == "triton":
+        from fastkd.kernels import kd_loss as triton_kd
+
+        names = triton_kd._kd_loss_fwd_kernel.arg_names
+        assert triton_kd.MAX_TEACHERS == limit
+        assert [n for n in names if n[0] == "t" and n[1:].isdigit()] == [
+            f"t{i}" for i in range(limit)
+        ]
+
+
 # --- strided inputs ---------------------------------------------------------------------------
 
 

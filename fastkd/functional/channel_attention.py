@@ -29,6 +29,7 @@ from .._inputs import (
     check_same_device,
     check_tensor_list,
     check_weights,
+    weights_for,
 )
 from ..ops import ChannelAttentionLoss
 
@@ -58,9 +59,33 @@ def channel_attention_loss(
     Returns:
         A float32 scalar (float64 for float64 maps).
     """
+    options = _check_options(weights=weights, reduction=reduction, backend=backend)
+    return _channel_attention_loss(student_feats, teacher_feats, **options)
+
+
+def _check_options(*, weights: Sequence[float] | None, reduction: str, backend: str) -> dict:
+    """The keyword arguments of `channel_attention_loss`, checked, as `_channel_attention_loss`
+    takes them (the weights' count is checked against the pairs at each call)."""
+    return {
+        "weights": check_weights(weights, "weights"),
+        "reduction": check_choice(reduction, "reduction", REDUCTIONS),
+        "backend": check_choice(backend, "backend", backends.CHOICES),
+    }
+
+
+def _channel_attention_loss(
+    student_feats: torch.Tensor | Sequence[torch.Tensor],
+    teacher_feats: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    weights: list[float] | None,
+    reduction: str,
+    backend: str,
+) -> torch.Tensor:
+    """`channel_attention_loss` with keyword arguments that `_check_options` returned
+    (``fastkd.nn.ChannelAttentionLoss`` checks them once, when it is built); the tensors are
+    checked here."""
     students, teachers = _check_args(student_feats, teacher_feats)
-    w = check_weights(weights, len(students), "weights")
-    check_choice(reduction, "reduction", REDUCTIONS)
+    w = weights_for(weights, len(students), "weights", "pair")
     chosen = _choose_backend(students, backend)
     if chosen == "torch":
         from ..reference import channel_attention_loss_ref

@@ -42,6 +42,7 @@ from .._inputs import (
     check_weights,
     same_layout,
     sample_blocked,
+    weights_for,
 )
 from ..ops import OnePassGroupLoss
 
@@ -77,12 +78,52 @@ def feature_regression_loss(
     Returns:
         A float32 scalar (float64 for float64 inputs).
     """
-    students, teachers = _check_feats(student_feats, teacher_feats)
-    p = _check_p(p)
+    options = _check_options(
+        p=p, normalize=normalize, weights=weights, reduction=reduction, backend=backend
+    )
+    return _feature_regression_loss(student_feats, teacher_feats, **options)
+
+
+def _check_options(
+    *,
+    p: int,
+    normalize: bool,
+    weights: Sequence[float] | None,
+    reduction: str,
+    backend: str,
+) -> dict:
+    """The keyword arguments of `feature_regression_loss`, checked, as `_feature_regression_loss`
+    takes them (the weights' count is checked against the pairs at each call)."""
+    if isinstance(p, bool) or not isinstance(p, Real):
+        raise TypeError(f"p must be 1 or 2, got {type(p).__name__}")
+    if p not in (1, 2):
+        raise ValueError(f"p must be 1 (absolute error) or 2 (squared error), got {p!r}")
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    weights = check_weights(weights, len(students), "weights")
-    check_choice(reduction, "reduction", REDUCTIONS)
+    return {
+        "p": int(p),
+        "normalize": normalize,
+        "weights": check_weights(weights, "weights"),
+        "reduction": check_choice(reduction, "reduction", REDUCTIONS),
+        "backend": check_choice(backend, "backend", backends.CHOICES),
+    }
+
+
+def _feature_regression_loss(
+    student_feats: torch.Tensor | Sequence[torch.Tensor],
+    teacher_feats: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    p: int,
+    normalize: bool,
+    weights: list[float] | None,
+    reduction: str,
+    backend: str,
+) -> torch.Tensor:
+    """`feature_regression_loss` with keyword arguments that `_check_options` returned
+    (``fastkd.nn.FeatureRegressionLoss`` checks them once, when it is built); the tensors are
+    checked here."""
+    students, teachers = _check_feats(student_feats, teacher_feats)
+    weights = weights_for(weights, len(students), "weights", "pair")
     chosen = _choose_backend(students, backend)
     if chosen == "torch":
         from ..reference import feature_regression_loss_ref
@@ -123,14 +164,6 @@ def feature_regression_loss(
                 loss, _ = fwd(group, *args, flags)
             total = loss if total is None else total + loss
     return total
-
-
-def _check_p(p: object) -> int:
-    if isinstance(p, bool) or not isinstance(p, Real):
-        raise TypeError(f"p must be 1 or 2, got {type(p).__name__}")
-    if p not in (1, 2):
-        raise ValueError(f"p must be 1 (absolute error) or 2 (squared error), got {p!r}")
-    return int(p)
 
 
 def _check_feats(student_feats, teacher_feats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import backends
+from .. import _C, backends
 from .._inputs import (
     as_rows3d,
     check_choice,
@@ -38,12 +38,11 @@ from .._inputs import (
     check_same_device,
     check_tensor_list,
     check_weights,
+    weights_for,
 )
 from ..ops import OnePassLoss
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
-# Teachers a compiled kernel takes in one launch (csrc/kd_loss.h: kMaxTeachers).
-MAX_KERNEL_TEACHERS = 8
 
 
 def kd_loss(
@@ -83,12 +82,71 @@ def kd_loss(
         A float32 scalar (float64 for float64 inputs), or per-row values of shape
         ``student_logits.shape[:-1]`` for ``reduction="none"``.
     """
-    args = _check_args(
-        student_logits, teacher_logits, labels, temperature, alpha, label_smoothing, guided,
-        ignore_index, teacher_weights, reduction,
+    options = _check_options(
+        temperature=temperature, alpha=alpha, label_smoothing=label_smoothing, guided=guided,
+        ignore_index=ignore_index, teacher_weights=teacher_weights, reduction=reduction,
+        backend=backend,
     )
-    student, teachers, labels = args
-    weights = check_weights(teacher_weights, len(teachers), "teacher_weights")
+    return _kd_loss(student_logits, teacher_logits, labels, **options)
+
+
+def _check_options(
+    *,
+    temperature: float,
+    alpha: float | None,
+    label_smoothing: float,
+    guided: bool,
+    ignore_index: int,
+    teacher_weights: Sequence[float] | None,
+    reduction: str,
+    backend: str,
+) -> dict:
+    """The keyword arguments of `kd_loss`, checked, as `_kd_loss` takes them (the teacher
+    weights' count is checked against the teachers at each call)."""
+    temperature = check_real(temperature, "temperature", low=0.0, low_open=True)
+    if alpha is not None:
+        alpha = check_real(alpha, "alpha", low=0.0, high=1.0)
+    label_smoothing = check_real(label_smoothing, "label_smoothing", low=0.0, high=1.0)
+    if label_smoothing != 0 and alpha is None:
+        raise ValueError(
+            "label_smoothing applies to the cross-entropy term, which needs alpha (got alpha=None)"
+        )
+    if not isinstance(guided, bool):
+        raise TypeError(f"guided must be a bool, got {type(guided).__name__}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    return {
+        "temperature": temperature,
+        "alpha": alpha,
+        "label_smoothing": label_smoothing,
+        "guided": guided,
+        "ignore_index": ignore_index,
+        "teacher_weights": check_weights(teacher_weights, "teacher_weights"),
+        "reduction": check_choice(reduction, "reduction", REDUCTIONS),
+        "backend": check_choice(backend, "backend", backends.CHOICES),
+    }
+
+
+def _kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor | None,
+    *,
+    temperature: float,
+    alpha: float | None,
+    label_smoothing: float,
+    guided: bool,
+    ignore_index: int,
+    teacher_weights: list[float] | None,
+    reduction: str,
+    backend: str,
+) -> torch.Tensor:
+    """`kd_loss` with keyword arguments that `_check_options` returned (``fastkd.nn.KDLoss``
+    checks them once, when it is built); the tensors are checked here."""
+    student, teachers, labels = _check_tensors(
+        student_logits, teacher_logits, labels, alpha, guided
+    )
+    weights = weights_for(teacher_weights, len(teachers), "teacher_weights", "teacher")
     chosen = _choose_backend(student, teachers, backend)
     if chosen == "torch":
         from ..reference import kd_loss_ref
@@ -125,10 +183,7 @@ def kd_loss(
     return loss
 
 
-def _check_args(
-    student, teacher_logits, labels, temperature, alpha, label_smoothing, guided, ignore_index,
-    teacher_weights, reduction,
-):
+def _check_tensors(student, teacher_logits, labels, alpha, guided):
     student = check_float_tensor(student, "student_logits")
     teachers = check_tensor_list(teacher_logits, "teacher_logits")
     for i, t in enumerate(teachers):
@@ -148,15 +203,6 @@ def _check_args(
             f"student_logits must hold at least one row and one class, got shape "
             f"{tuple(student.shape)} (empty batch)"
         )
-    check_real(temperature, "temperature", low=0.0, low_open=True)
-    if alpha is not None:
-        check_real(alpha, "alpha", low=0.0, high=1.0)
-    check_real(label_smoothing, "label_smoothing", low=0.0, high=1.0)
-    if not isinstance(guided, bool):
-        raise TypeError(f"guided must be a bool, got {type(guided).__name__}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    check_choice(reduction, "reduction", REDUCTIONS)
     if labels is None:
         if alpha is not None:
             raise ValueError("alpha mixes in cross-entropy on hard labels: pass labels")
@@ -173,10 +219,6 @@ def _check_args(
                 f"got {tuple(labels.shape)}"
             )
         check_same_device(student, labels, "labels", "student_logits")
-    if label_smoothing != 0 and alpha is None:
-        raise ValueError(
-            "label_smoothing applies to the cross-entropy term, which needs alpha (got alpha=None)"
-        )
     mixed64 = {t.dtype == torch.float64 for t in [student, *teachers]}
     if len(mixed64) > 1:
         raise TypeError(
@@ -196,8 +238,8 @@ def _choose_backend(student: torch.Tensor, teachers: list[torch.Tensor], request
     f64 = student.dtype == torch.float64
 
     def too_many() -> str | None:
-        if k > MAX_KERNEL_TEACHERS:
-            return f"{k} teachers; the kernels take at most {MAX_KERNEL_TEACHERS}"
+        if k > _C.max_teachers:
+            return f"{k} teachers; the kernels take at most {_C.max_teachers}"
         return None
 
     def gpu_reason() -> str | None:

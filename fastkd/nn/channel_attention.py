@@ -6,9 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import backends
-from .._inputs import check_choice, check_weights
-from ..functional.channel_attention import REDUCTIONS, channel_attention_loss
+from ..functional.channel_attention import _channel_attention_loss, _check_options
 
 
 class ChannelAttentionLoss(torch.nn.Module):
@@ -16,8 +14,9 @@ class ChannelAttentionLoss(torch.nn.Module):
 
         loss = sum_i weights[i] * mean_{b, c} (mean_{h, w} S_i - mean_{h, w} T_i)^2
 
-    Hyper-parameters are checked here, once; see :func:`fastkd.channel_attention_loss` for their
-    meaning.
+    Hyper-parameters are checked here, once, by the checks of
+    :func:`fastkd.channel_attention_loss` (see it for their meaning); each call checks only its
+    tensors.
 
     Example::
 
@@ -33,16 +32,17 @@ class ChannelAttentionLoss(torch.nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.weights = None if weights is None else check_weights(weights, len(weights), "weights")
-        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
-        self.backend = check_choice(backend, "backend", backends.CHOICES)
+        options = _check_options(weights=weights, reduction=reduction, backend=backend)
+        self.weights: list[float] | None = options["weights"]
+        self.reduction: str = options["reduction"]
+        self.backend: str = options["backend"]
 
     def forward(
         self,
         student_feats: torch.Tensor | Sequence[torch.Tensor],
         teacher_feats: torch.Tensor | Sequence[torch.Tensor],
     ) -> torch.Tensor:
-        return channel_attention_loss(
+        return _channel_attention_loss(
             student_feats,
             teacher_feats,
             weights=self.weights,

@@ -7,9 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import backends
-from .._inputs import check_choice, check_weights
-from ..functional.feature_regression import REDUCTIONS, _check_p, feature_regression_loss
+from ..functional.feature_regression import _check_options, _feature_regression_loss
 
 
 class FeatureRegressionLoss(torch.nn.Module):
@@ -17,8 +15,9 @@ class FeatureRegressionLoss(torch.nn.Module):
     between per-sample L2-normalised features: FitNet hints and Neighbourhood Distillation
     (``p=2``), FEED / Factor Transfer (``p=1, normalize=True``).
 
-    Hyper-parameters are checked here, once; see :func:`fastkd.feature_regression_loss` for their
-    meaning.
+    Hyper-parameters are checked here, once, by the checks of
+    :func:`fastkd.feature_regression_loss` (see it for their meaning); each call checks only its
+    tensors.
 
     Example::
 
@@ -35,20 +34,21 @@ class FeatureRegressionLoss(torch.nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.p = _check_p(p)
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-        self.normalize = normalize
-        self.weights = None if weights is None else check_weights(weights, len(weights), "weights")
-        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
-        self.backend = check_choice(backend, "backend", backends.CHOICES)
+        options = _check_options(
+            p=p, normalize=normalize, weights=weights, reduction=reduction, backend=backend
+        )
+        self.p: int = options["p"]
+        self.normalize: bool = options["normalize"]
+        self.weights: list[float] | None = options["weights"]
+        self.reduction: str = options["reduction"]
+        self.backend: str = options["backend"]
 
     def forward(
         self,
         student_feats: torch.Tensor | Sequence[torch.Tensor],
         teacher_feats: torch.Tensor | Sequence[torch.Tensor],
     ) -> torch.Tensor:
-        return feature_regression_loss(
+        return _feature_regression_loss(
             student_feats,
             teacher_feats,
             p=self.p,

@@ -6,16 +6,15 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import backends
-from .._inputs import check_choice, check_real, check_weights
-from ..functional.kd_loss import REDUCTIONS, kd_loss
+from ..functional.kd_loss import _check_options, _kd_loss
 
 
 class KDLoss(torch.nn.Module):
     """Knowledge-distillation loss ``T^2 KL(softmax(t/T) || softmax(s/T))``, optionally mixed
     with hard-label cross-entropy (``alpha``), guided (GKD) or over a teacher cohort.
 
-    Hyper-parameters are checked here, once; see :func:`fastkd.kd_loss` for their meaning.
+    Hyper-parameters are checked here, once, by the checks of :func:`fastkd.kd_loss` (see it for
+    their meaning); each call checks only its tensors.
 
     Example::
 
@@ -35,27 +34,19 @@ class KDLoss(torch.nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.temperature = check_real(temperature, "temperature", low=0.0, low_open=True)
-        self.alpha = None if alpha is None else check_real(alpha, "alpha", low=0.0, high=1.0)
-        self.label_smoothing = check_real(label_smoothing, "label_smoothing", low=0.0, high=1.0)
-        if label_smoothing != 0 and alpha is None:
-            raise ValueError(
-                "label_smoothing applies to the cross-entropy term, which needs alpha "
-                "(got alpha=None)"
-            )
-        if not isinstance(guided, bool):
-            raise TypeError(f"guided must be a bool, got {type(guided).__name__}")
-        self.guided = guided
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-        self.ignore_index = ignore_index
-        # Their count is checked against the teachers at each call.
-        self.teacher_weights = (
-            None if teacher_weights is None
-            else check_weights(teacher_weights, None, "teacher_weights")
+        options = _check_options(
+            temperature=temperature, alpha=alpha, label_smoothing=label_smoothing, guided=guided,
+            ignore_index=ignore_index, teacher_weights=teacher_weights, reduction=reduction,
+            backend=backend,
         )
-        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
-        self.backend = check_choice(backend, "backend", backends.CHOICES)
+        self.temperature: float = options["temperature"]
+        self.alpha: float | None = options["alpha"]
+        self.label_smoothing: float = options["label_smoothing"]
+        self.guided: bool = options["guided"]
+        self.ignore_index: int = options["ignore_index"]
+        self.teacher_weights: list[float] | None = options["teacher_weights"]
+        self.reduction: str = options["reduction"]
+        self.backend: str = options["backend"]
 
     def forward(
         self,
@@ -63,7 +54,7 @@ class KDLoss(torch.nn.Module):
         teacher_logits: torch.Tensor | Sequence[torch.Tensor],
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return kd_loss(
+        return _kd_loss(
             student_logits,
             teacher_logits,
             labels,
