@@ -6,12 +6,13 @@ For pairs ``i`` of student and teacher features of one shape ``[B, ...]`` (``[B,
     loss = sum_i w_i * R_i,    R_i = (1 / N_i) * sum |a_i - b_i|^p       (reduction="mean")
                                R_i = sum |a_i - b_i|^p                   (reduction="sum")
 
-``p=2`` is the squared error of FitNet hints and Neighbourhood Distillation (PAPERS.md section 5),
+``p=2`` is the squared error of FitNet hints and Neighbourhood Distillation (docs/methods.md#nd),
 ``p=1`` the absolute error. With ``normalize=True`` every sample's flattened map is first divided
 by its L2 norm, ``n(x) = x / max(||x||, 1e-12)`` (``F.normalize(x.flatten(1), dim=1)``), for the
-student and the teacher alike -- with ``p=1`` the Factor-Transfer / FEED loss (section 4). The
-gradient goes to the student only; per sample, with ``g = sign(n(a) - n(b))`` (``p=1``;
-``sign(0) = 0``) or ``g = 2 (n(a) - n(b))`` (``p=2``) scaled by ``w_i / N_i``::
+student and the teacher alike -- with ``p=1`` the Factor-Transfer / FEED loss
+(docs/methods.md#feed). The gradient goes to the student only; per sample, with
+``g = sign(n(a) - n(b))`` (``p=1``; ``sign(0) = 0``) or ``g = 2 (n(a) - n(b))`` (``p=2``)
+scaled by ``w_i / N_i``::
 
     d R / d a = (g - n(a) <n(a), g>) / ||a||     (||a|| >= eps)
     d R / d a = g / eps                           (||a|| < eps, where n(a) = a / eps is linear)

@@ -1,7 +1,7 @@
 """Plain-PyTorch channel-attention loss (Channel Distillation): the test oracle (run in float64)
 and the ``"torch"`` backend.
 
-Written straight from PAPERS.md section 2, independently of the fused kernels' coefficient plan.
+Written straight from docs/methods.md#cd, independently of the fused kernels' coefficient plan.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Plain-PyTorch feature regression: the test oracle (run in float64) and the ``"torch"`` backend.
 
-Written straight from the definition in ``fastkd.feature_regression_loss``'s docstring and PAPERS.md
-sections 4-5 (``F.normalize`` and autograd), independently of the fused kernels' hand-derived
-gradients, so the two check each other.
+Written straight from the definition in ``fastkd.feature_regression_loss``'s docstring and
+docs/methods.md (#feed, #nd; ``F.normalize`` and autograd), independently of the fused kernels'
+hand-derived gradients, so the two check each other.
 """
 
 from __future__ import annotations

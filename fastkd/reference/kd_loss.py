@@ -1,7 +1,8 @@
 """Plain-PyTorch KD loss: the test oracle (run in float64) and the ``"torch"`` backend.
 
-Written straight from the definitions in ``fastkd.kd_loss``'s docstring and PAPERS.md section 1-3,
-independently of the fused kernels' coefficient plan, so the two can check each other.
+Written straight from the definitions in ``fastkd.kd_loss``'s docstring and docs/methods.md
+(#kd, #gkd, #dih), independently of the fused kernels' coefficient plan, so the two can check
+each other.
 """
 
 from __future__ import annotations
