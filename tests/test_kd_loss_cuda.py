@@ -1,10 +1,11 @@
-"""CUDA C++ backend of ``fastkd.kd_loss`` (csrc/cuda/kd_loss.cu, csrc/cuda/scale_grad.cu).
+"""The GPU backends of ``fastkd.kd_loss``: CUDA C++ (csrc/cuda/kd_loss.cu, csrc/cuda/scale_grad.cu)
+and Triton (kernels/kd_loss.py), each run by every loss test through the ``backend`` fixture.
 
-Checked against the float64 reference (``fastkd.reference.kd_loss_ref``) and, op for op, against
-the CPU kernel, over dtypes, class counts that hit every kernel path (a warp per row, a block per
-row in registers, streaming rows; 16-byte vectors and the one-element fallback), strides, teacher
-cohorts and options. Also: no host synchronisation, CUDA-graph capture and replay, bitwise
-determinism, and the device-side skip of ``scale_grad_`` when ``grad_output`` is 1.
+Checked against the float64 reference (``fastkd.reference.kd_loss_ref``) and, op for op, the CUDA
+kernel against the CPU kernel, over dtypes, class counts that hit every kernel path (a warp per
+row, a block per row in registers, streaming rows; 16-byte vectors and the one-element fallback),
+strides, teacher cohorts and options. Also: no host synchronisation, CUDA-graph capture and
+replay, bitwise determinism, and the device-side skip of ``scale_grad_`` when ``grad_output`` is 1.
 """
 
 from __future__ import annotations
@@ -17,14 +18,20 @@ from fastkd.reference import kd_loss_ref
 
 CUDA = torch.cuda.is_available()
 WITH_CUDA_KERNELS = bool(fastkd._C.with_cuda)
+NO_CUDA_KERNELS = "fastkd._C was built without its CUDA kernels"
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"),
-    pytest.mark.skipif(
-        CUDA and not WITH_CUDA_KERNELS, reason="fastkd._C was built without its CUDA kernels"
-    ),
-]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]
+# For the tests of the CUDA C++ ops themselves.
+needs_cuda_kernels = pytest.mark.skipif(CUDA and not WITH_CUDA_KERNELS, reason=NO_CUDA_KERNELS)
+
+
+@pytest.fixture(params=("cuda", "triton"))
+def backend(request):
+    """Each GPU backend of fastkd.kd_loss in turn."""
+    if request.param == "cuda" and not WITH_CUDA_KERNELS:
+        pytest.skip(NO_CUDA_KERNELS)
+    return request.param
+
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Class counts: 1 and 7 (one element per access), 100 and 1000 (a warp / two warps per row),
@@ -61,9 +68,9 @@ def _labels(rows: int, classes: int, seed: int, ignore_every: int = 0) -> torch.
     return y
 
 
-def _cuda_loss_and_grad(student, teachers, labels, grad_output=None, **kw):
+def _loss_and_grad(backend, student, teachers, labels, grad_output=None, **kw):
     s = student.detach().clone().requires_grad_(True)
-    loss = fastkd.kd_loss(s, teachers, labels, backend="cuda", **kw)
+    loss = fastkd.kd_loss(s, teachers, labels, backend=backend, **kw)
     loss.backward(grad_output if grad_output is not None else torch.ones_like(loss))
     return loss.detach(), s.grad
 
@@ -85,8 +92,8 @@ def _assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torc
     )
 
 
-def _check(student, teachers, labels=None, grad_output=None, **kw):
-    loss, grad = _cuda_loss_and_grad(student, teachers, labels, grad_output, **kw)
+def _check(backend, student, teachers, labels=None, grad_output=None, **kw):
+    loss, grad = _loss_and_grad(backend, student, teachers, labels, grad_output, **kw)
     ref_loss, ref_grad = _ref_loss_and_grad(student, teachers, labels, grad_output, **kw)
     assert loss.dtype == torch.float32
     assert torch.isfinite(loss).all()
@@ -99,10 +106,10 @@ def _check(student, teachers, labels=None, grad_output=None, **kw):
 
 @pytest.mark.parametrize("classes", CLASSES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_kd_matches_reference(dtype, classes):
+def test_kd_matches_reference(backend, dtype, classes):
     rows = _rows_for(classes)
     s, ts = _logits(rows, classes, dtype, seed=classes)
-    _check(s, ts, temperature=2.0)
+    _check(backend, s, ts, temperature=2.0)
 
 
 @pytest.mark.parametrize("classes", (7, 1000, 4097, 32000))
@@ -118,10 +125,10 @@ def test_kd_matches_reference(dtype, classes):
     ],
     ids=str,
 )
-def test_mixed_dtypes(student_dtype, teacher_dtype, classes):
+def test_mixed_dtypes(backend, student_dtype, teacher_dtype, classes):
     rows = _rows_for(classes)
     s, ts = _logits(rows, classes, torch.float32, seed=3)
-    _check(s.to(student_dtype), [t.to(teacher_dtype) for t in ts], temperature=3.0)
+    _check(backend, s.to(student_dtype), [t.to(teacher_dtype) for t in ts], temperature=3.0)
 
 
 @pytest.mark.parametrize("classes", (100, 1000, 4097, 32000, 131072))
@@ -142,7 +149,7 @@ def test_mixed_dtypes(student_dtype, teacher_dtype, classes):
     ],
     ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
 )
-def test_options_match_reference(dtype, classes, options):
+def test_options_match_reference(backend, dtype, classes, options):
     rows = _rows_for(classes)
     s, ts = _logits(rows, classes, dtype, seed=7)
     # Guided KD needs rows the teacher gets right: label half the rows with its argmax.
@@ -151,25 +158,25 @@ def test_options_match_reference(dtype, classes, options):
     go = None
     if options.get("reduction") == "none":
         go = torch.rand(rows, device="cuda") + 0.5
-    _check(s, ts, y, grad_output=go, **options)
+    _check(backend, s, ts, y, grad_output=go, **options)
 
 
 @pytest.mark.parametrize("classes", (7, 100, 1000, 4097, 32000))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k", (2, 3, 8))
-def test_teacher_cohorts(dtype, classes, k):
+def test_teacher_cohorts(backend, dtype, classes, k):
     rows = _rows_for(classes)
     s, ts = _logits(rows, classes, dtype, seed=11, k=k)
     y = _labels(rows, classes, seed=11, ignore_every=3)
     weights = [0.5 + i for i in range(k)]
     weights[1] = 0.0  # a weight of exactly 0 skips that teacher
-    _check(s, ts, y, alpha=0.6, temperature=2.0, teacher_weights=weights)
+    _check(backend, s, ts, y, alpha=0.6, temperature=2.0, teacher_weights=weights)
     # Guided: give every other row a teacher's argmax as label, so each teacher is right on some
     # rows (random labels almost never are at large C, which would leave only zeros to compare).
     hits = y.clone()
     for i, t in enumerate(ts):
-        hits[i::2 * k] = t.float().argmax(-1)[i::2 * k]
-    _check(s, ts, hits, temperature=1.0, guided=True, teacher_weights=weights)
+        hits[i :: 2 * k] = t.float().argmax(-1)[i :: 2 * k]
+    _check(backend, s, ts, hits, temperature=1.0, guided=True, teacher_weights=weights)
 
 
 # ---- Memory layouts: vectorised and one-element paths ----------------------------------------
@@ -177,41 +184,41 @@ def test_teacher_cohorts(dtype, classes, k):
 
 @pytest.mark.parametrize("classes", (100, 1000, 4097, 32000, 40003))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_unaligned_rows(dtype, classes):
+def test_unaligned_rows(backend, dtype, classes):
     """Rows that start off a 16-byte boundary take the one-element path."""
     rows = _rows_for(classes)
     s, ts = _logits(rows, classes + 1, dtype, seed=5)
     s_view = s[:, 1:]
     t_view = ts[0][:, 1:]
     assert s_view.data_ptr() % 16 != 0
-    _check(s_view, [t_view], _labels(rows, classes, seed=5), alpha=0.5, temperature=2.0)
+    _check(backend, s_view, [t_view], _labels(rows, classes, seed=5), alpha=0.5, temperature=2.0)
     # Only the teacher unaligned.
-    _check(s[:, :-1].contiguous(), [t_view], temperature=2.0)
+    _check(backend, s[:, :-1].contiguous(), [t_view], temperature=2.0)
 
 
 @pytest.mark.parametrize("classes", (96, 1024, 4096, 32768))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_strided_rows(dtype, classes):
+def test_strided_rows(backend, dtype, classes):
     """Row strides other than C: padded rows (vectorised), odd padding (one element per access),
     and a [B, L, C] slice addressed with two strides (outer, inner)."""
     rows = _rows_for(classes)
     s, ts = _logits(rows, classes + 64, dtype, seed=9)
-    _check(s[:, :classes], [ts[0][:, :classes]], temperature=2.0)
+    _check(backend, s[:, :classes], [ts[0][:, :classes]], temperature=2.0)
     s, ts = _logits(rows, classes + 3, dtype, seed=9)
-    _check(s[:, :classes], [ts[0][:, :classes]], temperature=2.0)
+    _check(backend, s[:, :classes], [ts[0][:, :classes]], temperature=2.0)
     batch, length = 2, max(2, rows // 2)
     s, ts = _logits(batch * (length + 1), classes, dtype, seed=10, k=2)
     s3 = s.view(batch, length + 1, classes)[:, :-1]
     t3 = [t.view(batch, length + 1, classes)[:, 1:] for t in ts]
     y = _labels(batch * length, classes, seed=10, ignore_every=4).view(batch, length)
-    _check(s3, t3, y, alpha=0.5, temperature=2.0, label_smoothing=0.1)
+    _check(backend, s3, t3, y, alpha=0.5, temperature=2.0, label_smoothing=0.1)
 
 
-def test_broadcast_teacher_rows():
+def test_broadcast_teacher_rows(backend):
     """A teacher expanded over the batch (row stride 0) is read in place."""
     s, ts = _logits(16, 1000, torch.float32, seed=12)
     t = ts[0][:1].expand(16, 1000)
-    _check(s, [t], temperature=2.0)
+    _check(backend, s, [t], temperature=2.0)
 
 
 # ---- Edge cases ---------------------------------------------------------------------------------
@@ -219,7 +226,7 @@ def test_broadcast_teacher_rows():
 
 @pytest.mark.parametrize("classes", (100, 4097, 32000))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_masked_vocabulary(dtype, classes):
+def test_masked_vocabulary(backend, dtype, classes):
     """-inf logits (a masked vocabulary): p = 0 contributes 0, also where the student is -inf."""
     rows = _rows_for(classes)
     s, ts = _logits(rows, classes, torch.float32, seed=13)
@@ -229,29 +236,47 @@ def test_masked_vocabulary(dtype, classes):
     s_both = s.masked_fill(mask, float("-inf"))
     y = _labels(rows, classes, seed=13)
     y[mask[y]] = 0
-    _check(s_both.to(dtype), [t.to(dtype)], y, alpha=0.5, temperature=2.0)
-    _check(s.to(dtype), [t.to(dtype)], temperature=1.0)
+    _check(backend, s_both.to(dtype), [t.to(dtype)], y, alpha=0.5, temperature=2.0)
+    _check(backend, s.to(dtype), [t.to(dtype)], temperature=1.0)
 
 
 @pytest.mark.parametrize("classes", (1000, 32000))
-def test_large_logits(classes):
+def test_large_logits(backend, classes):
     rows = _rows_for(classes)
     s, ts = _logits(rows, classes, torch.float32, seed=14)
-    _check(s * 5e3, [ts[0] * 5e3], _labels(rows, classes, seed=14), alpha=0.5, temperature=4.0)
+    _check(
+        backend, s * 5e3, [ts[0] * 5e3], _labels(rows, classes, seed=14), alpha=0.5, temperature=4.0
+    )
+
+
+@pytest.mark.parametrize("classes", (200, 4097, 32000))
+@pytest.mark.parametrize("kw", [{}, {"alpha": 0.5}, {"alpha": 0.5, "label_smoothing": 0.1}])
+def test_common_offset_keeps_loss_precision(backend, classes, kw):
+    """Logits offset by 1e4: the log-sum-exps are combined with the row maxima cancelled first,
+    so the loss keeps float32's relative precision (adding them as absolute values loses ~1e-4)."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    s = torch.randn(6, classes, device="cuda", generator=g) * 3 + 1e4
+    t = torch.randn(6, classes, device="cuda", generator=g) * 3 + 1e4
+    y = torch.randint(0, classes, (6,), device="cuda", generator=g)
+    loss = fastkd.kd_loss(s, t, y, temperature=1.0, backend=backend, **kw)
+    ref = kd_loss_ref(s.double(), t.double(), y, temperature=1.0, **kw)
+    # label smoothing averages the raw logits, whose float32 sum is only good to ~1e-7 of 1e4.
+    tol = 1e-4 if "label_smoothing" in kw else 1e-5
+    assert abs(loss.double() - ref) / ref.abs() < tol, (loss.item(), ref.item())
 
 
 @pytest.mark.parametrize("classes", (100, 4097, 32000))
-def test_rows_without_weight_give_zero(classes):
+def test_rows_without_weight_give_zero(backend, classes):
     """All rows ignored, or guided KD where the teacher is never right: loss 0, gradient 0."""
     rows = _rows_for(classes)
     s, ts = _logits(rows, classes, torch.bfloat16, seed=15)
     ignored = torch.full((rows,), -100, device="cuda")
     for kw in (dict(alpha=0.5), dict(), dict(guided=True)):
-        loss, grad = _cuda_loss_and_grad(s, ts, ignored, **kw)
+        loss, grad = _loss_and_grad(backend, s, ts, ignored, **kw)
         assert loss.item() == 0.0
         assert torch.count_nonzero(grad) == 0
     wrong = (ts[0].float().argmax(-1) + 1) % classes
-    loss, grad = _cuda_loss_and_grad(s, ts, wrong, guided=True, temperature=2.0)
+    loss, grad = _loss_and_grad(backend, s, ts, wrong, guided=True, temperature=2.0)
     assert loss.item() == 0.0
     assert torch.count_nonzero(grad) == 0
 
@@ -287,6 +312,7 @@ def _op(
     )
 
 
+@needs_cuda_kernels
 @pytest.mark.parametrize("classes", (7, 1000, 4097, 32000))
 def test_op_matches_cpu_kernel(classes):
     """The op contract row for row: arbitrary row weights (zeros included, shared rows of
@@ -325,6 +351,7 @@ def test_op_matches_cpu_kernel(classes):
             assert torch.count_nonzero(grad.squeeze(1)[::4]) == 0
 
 
+@needs_cuda_kernels
 @pytest.mark.parametrize("classes", (100, 4097, 32000))
 def test_out_of_range_label_gives_nan_row(classes):
     """CE with a label outside [0, C) cannot raise on the GPU without a sync: that row's loss is
@@ -350,16 +377,17 @@ def test_out_of_range_label_gives_nan_row(classes):
 
 
 @pytest.mark.parametrize("classes", (1000, 32000))
-def test_without_grad_writes_no_gradient(classes):
+def test_without_grad_writes_no_gradient(backend, classes):
     s, ts = _logits(5, classes, torch.bfloat16, seed=19)
     with torch.no_grad():
-        loss = fastkd.kd_loss(s, ts, backend="cuda", temperature=2.0)
+        loss = fastkd.kd_loss(s, ts, backend=backend, temperature=2.0)
     ref = kd_loss_ref(s.double(), [t.double() for t in ts], temperature=2.0)
     torch.testing.assert_close(loss.double(), ref, **LOSS_TOL)
     _, grad = _op(s, ts, None, compute_grad=False)
     assert grad.numel() == 0
 
 
+@needs_cuda_kernels
 @pytest.mark.parametrize("per_row", (False, True))
 def test_opcheck(per_row):
     s, ts = _logits(6, 100, torch.bfloat16, seed=27, k=2)
@@ -375,24 +403,27 @@ def test_opcheck(per_row):
     torch.library.opcheck(torch.ops.fastkd.scale_grad_, (grad, torch.rand(6, device="cuda")))
 
 
-def test_float64_is_refused():
+@needs_cuda_kernels
+def test_float64_is_refused(backend):
     s = torch.randn(4, 10, device="cuda", dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float64"):
         _op(s, [s], None)
     with pytest.raises(ValueError, match="float64 runs on the CPU backend only"):
-        fastkd.kd_loss(s, s, backend="cuda")
+        fastkd.kd_loss(s, s, backend=backend)
 
 
 @pytest.mark.parametrize("classes", (7, 100))
-def test_many_rows(classes):
+def test_many_rows(backend, classes):
     rows = (1 << 20) + 3
     s, ts = _logits(rows, classes, torch.bfloat16, seed=25)
-    _check(s, ts, _labels(rows, classes, seed=25, ignore_every=7), alpha=0.5, temperature=2.0)
+    _check(
+        backend, s, ts, _labels(rows, classes, seed=25, ignore_every=7), alpha=0.5, temperature=2.0
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("classes", (4096, 32768))
-def test_offsets_beyond_int32(classes):
+def test_offsets_beyond_int32(backend, classes):
     """rows x C > 2^31: the last rows (offsets past 2^31 elements) match the same rows computed
     alone, bitwise."""
     rows = (1 << 31) // classes + 8
@@ -401,8 +432,8 @@ def test_offsets_beyond_int32(classes):
     t = torch.randn(rows, classes, device="cuda", dtype=torch.bfloat16, generator=g)
     y = torch.randint(0, classes, (rows,), device="cuda", generator=g)
     kw = dict(alpha=0.5, temperature=2.0, reduction="none")
-    loss, grad = _cuda_loss_and_grad(s, [t], y, **kw)
-    tail_loss, tail_grad = _cuda_loss_and_grad(s[-8:], [t[-8:]], y[-8:], **kw)
+    loss, grad = _loss_and_grad(backend, s, [t], y, **kw)
+    tail_loss, tail_grad = _loss_and_grad(backend, s[-8:], [t[-8:]], y[-8:], **kw)
     assert torch.equal(loss[-8:], tail_loss)
     assert torch.equal(grad[-8:], tail_grad)
     ref_loss, _ = _ref_loss_and_grad(s[-8:], [t[-8:]], y[-8:], **kw)
@@ -422,17 +453,17 @@ def test_offsets_beyond_int32(classes):
     ],
     ids=("kd", "ce-guided", "none"),
 )
-def test_no_host_sync(classes, options):
+def test_no_host_sync(backend, classes, options):
     rows = 8
     s, ts = _logits(rows, classes, torch.bfloat16, seed=20, k=2)
     y = _labels(rows, classes, seed=20, ignore_every=3)
     go = torch.rand(rows, device="cuda") if options.get("reduction") == "none" else None
-    _cuda_loss_and_grad(s, ts, y, go, **options)  # warm-up: lazy initialisation may sync
+    _loss_and_grad(backend, s, ts, y, go, **options)  # warm-up: lazy initialisation may sync
     torch.cuda.synchronize()
     x = s.detach().clone().requires_grad_(True)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = fastkd.kd_loss(x, ts, y, backend="cuda", **options)
+        loss = fastkd.kd_loss(x, ts, y, backend=backend, **options)
         if go is None:
             loss.backward()
         else:
@@ -444,7 +475,7 @@ def test_no_host_sync(classes, options):
 
 @pytest.mark.parametrize("classes", (1000, 32000))
 @pytest.mark.parametrize("reduction", ("batchmean", "none"))
-def test_cuda_graph_capture_and_replay(classes, reduction):
+def test_cuda_graph_capture_and_replay(backend, classes, reduction):
     rows = 12
     s0, ts0 = _logits(rows, classes, torch.float32, seed=21, k=2)
     y0 = _labels(rows, classes, seed=21, ignore_every=4)
@@ -456,7 +487,7 @@ def test_cuda_graph_capture_and_replay(classes, reduction):
 
     def step():
         static_s.grad = None
-        loss = fastkd.kd_loss(static_s, static_t, static_y, backend="cuda", **kw)
+        loss = fastkd.kd_loss(static_s, static_t, static_y, backend=backend, **kw)
         loss.backward(static_go if reduction == "none" else None)
         return loss
 
@@ -481,8 +512,8 @@ def test_cuda_graph_capture_and_replay(classes, reduction):
             static_y.copy_(y1)
         graph.replay()
         torch.cuda.synchronize()
-        loss, grad = _cuda_loss_and_grad(
-            s1, ts1, y1, static_go if reduction == "none" else None, **kw
+        loss, grad = _loss_and_grad(
+            backend, s1, ts1, y1, static_go if reduction == "none" else None, **kw
         )
         assert torch.equal(static_loss, loss)
         assert torch.equal(static_s.grad, grad)
@@ -490,14 +521,14 @@ def test_cuda_graph_capture_and_replay(classes, reduction):
 
 @pytest.mark.parametrize("classes", (100, 4097, 32000, 262144))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_bitwise_deterministic(dtype, classes):
+def test_bitwise_deterministic(backend, dtype, classes):
     rows = _rows_for(classes)
     s, ts = _logits(rows, classes, dtype, seed=24, k=3)
     y = _labels(rows, classes, seed=24, ignore_every=5)
     kw = dict(alpha=0.5, temperature=2.0, label_smoothing=0.1, teacher_weights=[1.0, 0.5, 2.0])
-    first = _cuda_loss_and_grad(s, ts, y, **kw)
+    first = _loss_and_grad(backend, s, ts, y, **kw)
     for _ in range(3):
-        again = _cuda_loss_and_grad(s, ts, y, **kw)
+        again = _loss_and_grad(backend, s, ts, y, **kw)
         assert torch.equal(first[0], again[0])
         assert torch.equal(first[1], again[1])
 
@@ -517,6 +548,7 @@ def _grad(shape, dtype, seed=0, offset=0):
     return buf[offset:].view(shape)
 
 
+@needs_cuda_kernels
 @pytest.mark.parametrize("dtype", GRAD_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 1, 7), (5, 2, 1000), (1, 1, 1), (4, 1, 32003)])
 @pytest.mark.parametrize("offset", (0, 1))
@@ -544,6 +576,7 @@ def test_scale_grad(dtype, shape, offset, go_dtype):
     torch.testing.assert_close(grad, expected, rtol=0, atol=0)
 
 
+@needs_cuda_kernels
 def test_scale_grad_reads_the_scalar_on_the_device():
     """Captured with grad_output = 1 and replayed after it changed (and the other way round): the
     kernel decides on the device at replay time, so neither capture bakes the value in."""
@@ -563,6 +596,7 @@ def test_scale_grad_reads_the_scalar_on_the_device():
         assert torch.equal(grad, expected)
 
 
+@needs_cuda_kernels
 def test_scale_grad_without_host_sync():
     grad = _grad((64, 1, 4096), torch.float16)
     go = torch.tensor(1.0, device="cuda")
@@ -577,6 +611,7 @@ def test_scale_grad_without_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@needs_cuda_kernels
 def test_scale_grad_rejects_bad_grad_output():
     grad = _grad((4, 1, 10), torch.float32)
     with pytest.raises(RuntimeError, match="one value per row"):

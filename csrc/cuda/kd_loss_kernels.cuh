@@ -94,6 +94,24 @@ __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fc00000)
 // all -inf row gives exp(-inf - 0) = 0 instead of exp(-inf + inf) = NaN (as on the CPU).
 __device__ __forceinline__ float finite_or_zero(float m) { return isfinite(m) ? m : 0.0f; }
 
+// lse(s / T) - lse(t / T) from the row maxima (m_s, m_t) and the logs of the sums taken relative to
+// them. The maxima cancel before anything else, so a large common logit offset (1e4) costs no
+// precision: adding m / T + log z as absolute values would round each to the offset's ulp.
+__device__ __forceinline__ float lse_diff(float m_s, float log_zs, float m_t, float log_zt,
+                                          float inv_T) {
+  return (m_s - m_t) * inv_T + (log_zs - log_zt);
+}
+
+// CE = lse(s) - (1 - eps) s_y - eps / C sum_c s_c with m_s taken out of every term; log_z1 is the
+// log of sum exp(s - m_s). The smoothing term only with smoothing: a masked (-inf) logit makes
+// sum_s -inf, and 0 * -inf is NaN.
+__device__ __forceinline__ float cross_entropy(float m_s, float log_z1, float s_y, float sum_s,
+                                               float eps, int C) {
+  float ce = log_z1 + (1.0f - eps) * (m_s - s_y);
+  if (eps != 0.0f) ce += eps * (m_s - sum_s / static_cast<float>(C));
+  return ce;
+}
+
 // The weights of one row, read by every thread of the row (the same addresses: one transaction).
 struct RowPlan {
   unsigned active = 0;  // bit k: teacher k has a nonzero weight on this row
@@ -301,7 +319,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
     }
     group.sum(st);
     const float z_s = st[0], z_1 = st[1], sum_s = st[2];
-    const float lse_q = m_s * inv_T + __logf(z_s);
+    const float log_zs = __logf(z_s);
 
     // Teachers with a nonzero weight, one at a time: exact max, then the normaliser and the cross
     // term sum_c e_c (t_c - s_c) / T from the same exponentials, which stay in t[] (one teacher)
@@ -346,8 +364,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
         }
       }
       group.sum(zc);
-      const float lse_t = m_t * inv_T + __logf(zc[0]);
-      loss += w * T * (zc[1] / zc[0] + lse_q - lse_t);
+      loss += w * T * (zc[1] / zc[0] + lse_diff(m_s, log_zs, m_t, __logf(zc[0]), inv_T));
       const float coef = w / zc[0];
       if constexpr (MULTI) {
 #pragma unroll
@@ -366,10 +383,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
       if (p.bad_label()) {
         loss = quiet_nan();
       } else {
-        const float s_y = static_cast<float>(s_row[p.y]);
-        const float lse_1 = unit_T ? lse_q : m_s + __logf(z_1);
-        const float smooth = eps != 0.0f ? eps / static_cast<float>(C) * sum_s : 0.0f;
-        loss += p.v * (lse_1 - (1.0f - eps) * s_y - smooth);
+        loss += p.v * cross_entropy(m_s, unit_T ? log_zs : __logf(z_1),
+                                    static_cast<float>(s_row[p.y]), sum_s, eps, C);
       }
     }
     if (lane == 0) row_loss[row] = loss;
@@ -577,12 +592,11 @@ __global__ void __launch_bounds__(kStreamThreads)
         sums[0] = zc[0];
         sums[1] = zc[1];
       }
-      const float lse_q = m_s * inv_T + __logf(z_s);
       if (k >= 0) {
         const float w = teacher_weight(a, k, row);
         const float m_t = finite_or_zero(mm[1]);
-        const float lse_t = m_t * inv_T + __logf(sums[0]);
-        loss += w * T * (sums[1] / sums[0] + lse_q - lse_t);
+        loss += w * T * (sums[1] / sums[0] +
+                         lse_diff(m_s, __logf(z_s), m_t, __logf(sums[0]), inv_T));
         if (threadIdx.x == 0) {
           t_coef[k] = w / sums[0];
           t_ref[k] = m_t;
@@ -597,10 +611,8 @@ __global__ void __launch_bounds__(kStreamThreads)
       if (p.bad_label()) {
         loss = quiet_nan();
       } else {
-        const float s_y = static_cast<float>(s_row[p.y]);
-        const float lse_1 = unit_T ? m_s * inv_T + __logf(z_s) : m_s + __logf(z_1);
-        const float smooth = eps != 0.0f ? eps / static_cast<float>(C) * sum_s : 0.0f;
-        loss += p.v * (lse_1 - (1.0f - eps) * s_y - smooth);
+        loss += p.v * cross_entropy(m_s, __logf(unit_T ? z_s : z_1),
+                                    static_cast<float>(s_row[p.y]), sum_s, eps, C);
       }
     }
     if (threadIdx.x == 0) row_loss[row] = loss;

@@ -13,6 +13,14 @@ import torch
 import torch.nn.functional as F
 
 
+def _max_and_log_sum_exp(x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the maximum m (0 where it is not finite, so an all -inf row gives exp(-inf) = 0,
+    not NaN) and log sum exp((x - m) / T)."""
+    m = x.detach().amax(-1)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    return m, torch.logsumexp((x - m[:, None]) / temperature, dim=-1)
+
+
 def kd_loss_ref(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | Sequence[torch.Tensor],
@@ -67,7 +75,7 @@ def kd_loss_ref(
     # anyway, and an all -inf (padding) or NaN row would otherwise send NaN into the gradient
     # through the backward of the `where` that drops it.
     s = torch.where(counted[:, None], s, 0.0)
-    log_q = F.log_softmax(s / T, dim=-1)
+    m_s, log_zs = _max_and_log_sum_exp(s, T)
     kd_weight = 1.0 if alpha is None else float(alpha)
     per_row = torch.zeros(rows, dtype=acc, device=s.device)
     total = torch.zeros((), dtype=acc, device=s.device)
@@ -75,11 +83,16 @@ def kd_loss_ref(
         t = t.detach().reshape(-1, classes).to(acc)
         kept = counted if not guided else counted & (t.argmax(-1) == y)
         t = torch.where(kept[:, None], t, 0.0)  # as for s above
-        log_p = F.log_softmax(t / T, dim=-1)
-        p = log_p.exp()
-        # 0 * log 0 = 0: classes the teacher rules out (p = 0, e.g. -inf logits) contribute
-        # nothing. Tested as p == 0, not p > 0, so that a NaN p still makes the row NaN.
-        kl = torch.where(p == 0, 0.0, p * (log_p - log_q)).sum(-1)
+        m_t, log_zt = _max_and_log_sum_exp(t, T)
+        p = torch.exp((t - m_t[:, None]) / T - log_zt[:, None])
+        # KL(p || q) = sum_c p_c (t_c - s_c) / T + lse(s / T) - lse(t / T), as the kernels compute
+        # it: per-element differences of the logits, and the log-sum-exps' large parts (the row
+        # maxima) cancelled before they meet, so float32 keeps the digits of a small KL and of
+        # logits with a large common offset. 0 * log 0 = 0: classes the teacher rules out (p = 0,
+        # e.g. -inf logits) contribute nothing; tested as p == 0, not p > 0, so that a NaN p still
+        # makes the row NaN.
+        cross = torch.where(p == 0, 0.0, p * (t - s)).sum(-1) / T
+        kl = cross + (m_s - m_t) / T + (log_zs - log_zt)
         term = torch.where(kept, T * T * kl, 0.0)
         per_row = per_row + kd_weight * w * term
         total = total + kd_weight * w * reduce(term, kept, per_class=True)
