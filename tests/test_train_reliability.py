@@ -65,14 +65,14 @@ def test_step_checkpoint_survives_a_crash(tmp_path, cache_dir, monkeypatch):
     full = tmp_path / "full"
     train(Config(**base("kd", cache_dir, output=str(full))), quiet=True)
     part = tmp_path / "part"
-    save = engine._Run._save
+    save = engine.save_checkpoint
 
-    def save_then_crash(self, epoch, step, sums, finished=False):
-        save(self, epoch, step, sums, finished)
-        if (epoch, step) == (2, 2):  # global step 8
+    def save_then_crash(run, state, finished=False):
+        save(run, state, finished)
+        if (state.epoch, state.step) == (2, 2):  # global step 8
             raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(engine._Run, "_save", save_then_crash)
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(Config(**base("kd", cache_dir, output=str(part), checkpoint_every=2)), quiet=True)
     monkeypatch.undo()

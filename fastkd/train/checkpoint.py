@@ -1,12 +1,13 @@
-"""Checkpoints: atomic writes, complete state for exact resumption, clear errors.
+"""Checkpoints: the training state, atomic writes, exact resumption, clear errors.
 
-A checkpoint holds the configuration, every trained module, the optimizer, the gradient scaler,
-the position (epoch, step within it, steps so far, phase), the unfinished epoch's metric sums, the
-metric history and the random-number states of torch (CPU and CUDA), numpy and Python for every
-rank. It is written to a temporary file in the same directory and renamed over the old one
-(``os.replace``), so a crash or a signal mid-write never leaves a truncated checkpoint. It is read
-with ``torch.load(weights_only=True)``: everything in it is tensors, numbers, strings and
-containers.
+:class:`TrainState` is everything that persists from one step to the next -- the trained modules,
+the optimizer, the gradient scaler, the learning-rate schedule, the position (epoch, step within
+it, steps so far, phase), the unfinished epoch's metric sums, the metric history -- and a
+checkpoint is that state plus the configuration and the random-number states of torch (CPU and
+CUDA), numpy and Python for every rank. It is written to a temporary file in the same directory
+and renamed over the old one (``os.replace``), so a crash or a signal mid-write never leaves a
+truncated checkpoint. It is read with ``torch.load(weights_only=True)``: everything in it is
+tensors, numbers, strings and containers.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from .config import RUNTIME_FIELDS
 
@@ -28,6 +32,83 @@ VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, corrupt, or from another configuration."""
+
+
+@dataclass
+class TrainState:
+    """What persists from step to step; :meth:`checkpoint` and :meth:`load` are its file form."""
+
+    # Everything trained: the student and the method's own modules (connectors, heads, ...).
+    modules: dict[str, nn.Module]
+    # The student, whose weights are also saved under its own key names ("model").
+    student: Any
+    # The optimizer, scaler and learning rate of the phase being trained (set when it starts).
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+    schedule: Callable[[int], float] | None = None
+    phase: int = 0
+    # Position: epochs done (over all phases), steps done in the current one, steps in all.
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    # The current epoch's running sums (loss, accuracy, ...) on the device; None between epochs.
+    sums: dict[str, torch.Tensor] | None = None
+    # One metrics row per finished epoch.
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # Wall time of the processes before this one; training time and images over all of them.
+    elapsed_s: float = 0.0
+    train_time_s: float = 0.0
+    train_images: int = 0
+
+    def checkpoint(self, config: dict[str, Any], world_size: int, rng: list[dict[str, Any]],
+                   elapsed_s: float, finished: bool) -> dict[str, Any]:
+        """The checkpoint's contents (tensors, numbers, strings and containers only)."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "config": config,
+            "world_size": world_size,
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "model": self.student.weights(),
+            "position": {"epoch": self.epoch, "step": self.step, "global_step": self.global_step},
+            "optimizer": self.optimizer.state_dict(),
+            "optimizer_phase": self.phase,
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "rng": rng,
+            "epoch_sums": None if self.sums is None else {k: v.cpu() for k, v in self.sums.items()},
+            "history": list(self.history),
+            "elapsed_s": elapsed_s,
+            "train_time_s": self.train_time_s,
+            "train_images": self.train_images,
+            "finished": finished,
+        }
+
+    def load(self, saved: dict[str, Any], path: str | os.PathLike) -> None:
+        """Modules, position, sums, history and times from a checkpoint read by :func:`load`.
+
+        The optimizer and scaler are loaded by the phase they belong to when it starts
+        (``saved["optimizer_phase"]``); RNG states by the caller, who knows the rank.
+        """
+        modules = saved.get("modules", {})
+        if set(modules) != set(self.modules):
+            raise CheckpointError(
+                f"--resume: {path} holds modules {sorted(modules)}, this run trains "
+                f"{sorted(self.modules)}"
+            )
+        for name, module in self.modules.items():
+            try:
+                module.load_state_dict(modules[name])
+            except RuntimeError as e:
+                raise CheckpointError(
+                    f"--resume: {path}: the saved {name} does not fit this run's model ({e})"
+                ) from None
+        pos = saved["position"]
+        self.epoch, self.step, self.global_step = pos["epoch"], pos["step"], pos["global_step"]
+        self.sums = saved["epoch_sums"]
+        self.history = list(saved["history"])
+        self.elapsed_s = saved["elapsed_s"]
+        self.train_time_s = saved["train_time_s"]
+        self.train_images = saved["train_images"]
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

@@ -17,17 +17,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..data import IMAGE_SHAPE, NUM_CLASSES
 from . import distributed
 from .config import Config, ConfigError, resolve
-from .engine import RunResult, load_data, resolve_device, train
+from .engine import RunResult, load_data, provide_teacher_weights, train
 from .metrics import table
 from .models import build_model
-from .teacher import cached_teacher_paths
+from .runtime import resolve_device
 
 
 def _params(name: str) -> int:
     return sum(p.numel() for p in build_model(
-        name, 10, with_features=False, input_shape=(1, 8, 8)).parameters())
+        name, NUM_CLASSES, with_features=False, input_shape=IMAGE_SHAPE).parameters())
 
 
 def run_demo(cfg: Config) -> list[dict[str, Any]]:
@@ -54,7 +55,7 @@ def run_demo(cfg: Config) -> list[dict[str, Any]]:
     t_teacher = time.perf_counter()
     if any(m != "scratch" for m in base.demo_methods):
         count = base.feed_teachers if "feed" in base.demo_methods else 1
-        cached_teacher_paths(base, count, say, distributed.Dist())
+        provide_teacher_weights(base, count, say, distributed.Dist())
     teacher_s = time.perf_counter() - t_teacher
 
     results: dict[str, list[RunResult]] = {}

@@ -1,4 +1,11 @@
-"""The training loop: one function, :func:`train`, from a configuration to a trained student.
+"""The training loop: :func:`train`, from a configuration to a trained student.
+
+Read it top to bottom: :func:`train` resolves the configuration and the device, :func:`setup`
+loads the data, provides the teachers (training and caching missing built-in ones first, each in a
+run of its own), builds the student and the method's plan (:mod:`fastkd.train.methods`) and the
+loaders; then every epoch is :func:`train_one_epoch` and, when due, :func:`evaluate`. What
+persists from step to step is one :class:`~fastkd.train.checkpoint.TrainState`, which is also
+what a checkpoint saves.
 
 Per step: the teacher side runs in eval mode under ``torch.inference_mode`` (and autocast), the
 phase's module (student, plus connectors / transforms / heads) runs forward -- wrapped in DDP under
@@ -17,15 +24,12 @@ off the GPU's critical path: losses and accuracies accumulate on the device and 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
-import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import (
+    IMAGE_SHAPE,
+    NUM_CLASSES,
     BatchedTensorDataset,
     ResumableDistributedSampler,
     SeededAugmentation,
@@ -45,10 +51,21 @@ from ..data import (
     load_digits_split,
 )
 from . import checkpoint as ckpt
-from . import distributed, methods
+from . import distributed, methods, teacher
+from .checkpoint import TrainState
 from .config import SYNTHETIC, Config, ConfigError, resolve
 from .metrics import MetricsLog, plot_history, table
 from .models import StagedNet, build_model, check_model_name
+from .optim import Schedule, build_optimizer, peak_lr
+from .runtime import (
+    Profiler,
+    StopFlag,
+    autocast,
+    prepare,
+    resolve_device,
+    to_device,
+    torch_settings,
+)
 
 CHECKPOINT = "checkpoint.pt"
 STUDENT = "student.pt"
@@ -87,12 +104,169 @@ class Data:
     augmented: bool
 
 
+@dataclass
+class Loaders:
+    sampler: ResumableDistributedSampler
+    train: DataLoader
+    val: DataLoader
+    per_rank_batch: int
+    steps_per_epoch: int
+
+
+@dataclass
+class Run:
+    """What one process's run uses and does not checkpoint: set up once by :func:`setup`."""
+
+    cfg: Config
+    d: distributed.Dist
+    device: torch.device
+    log: Callable[[str], None]  # rank 0 only, silent when quiet
+    output: Path
+    channels_last: bool
+    progress: bool
+    data: Data
+    student: StagedNet
+    plan: methods.Plan
+    loaders: Loaders
+    resume_path: Path | None
+    profiler: Profiler
+    t_start: float  # wall time of this process's run starts here (set-up included)
+    stop: StopFlag = field(default_factory=StopFlag)
+    steps_this_process: int = 0
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def train(cfg: Config, *, log: Callable[[str], None] | None = None,
+          quiet: bool = False) -> RunResult:
+    """Runs one training job described by ``cfg`` (resolved here). See the module docstring."""
+    t_start = time.perf_counter()
+    cfg = resolve(cfg, world_size=distributed.env_world_size())
+    if cfg.method is None:
+        raise ConfigError("train() needs a --method")
+    own_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    device = resolve_device(cfg)
+    d = distributed.init(device.type)
+    try:
+        with torch_settings(cfg, d, device):
+            run = setup(cfg, d, device, log or _print, quiet, t_start)
+            return fit(run)
+    finally:
+        if own_group:
+            distributed.shutdown(d)
+
+
+def fit(run: Run) -> RunResult:
+    """Trains every phase of the plan, epoch by epoch, from the checkpoint if resuming."""
+    cfg, plan = run.cfg, run.plan
+    if run.d.is_main:
+        run.output.mkdir(parents=True, exist_ok=True)
+    state = TrainState(plan.modules, run.student)
+    saved = resume(run, state) if run.resume_path is not None else None
+    metrics = MetricsLog(run.output, run.d.is_main, state.history)
+    if run.d.is_main:
+        (run.output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    total_epochs = sum(p.epochs for p in plan.phases)
+    run.log(_header(run))
+    started = None
+    with run.stop:
+        while state.epoch < total_epochs:
+            index, local_epoch = _phase_of(plan, state.epoch)
+            phase = plan.phases[index]
+            if started != index:
+                module, teacher_fn = start_phase(run, state, index, saved)
+                started, saved = index, None
+            t0 = time.perf_counter()
+            row, images_per_s = train_one_epoch(run, state, phase, module, teacher_fn,
+                                                local_epoch, total_epochs)
+            if (local_epoch + 1) % cfg.eval_every == 0 or local_epoch + 1 == phase.epochs:
+                row.update(evaluate(run, phase))
+            row["epoch_time_s"] = time.perf_counter() - t0
+            row["images_per_s"] = images_per_s
+            metrics.append(row)
+            run.log(_epoch_line(row, total_epochs))
+            state.epoch, state.step, state.sums = state.epoch + 1, 0, None
+            save_checkpoint(run, state, finished=state.epoch == total_epochs)
+    return finish(run, state, metrics)
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+
+
+def setup(cfg: Config, d: distributed.Dist, device: torch.device, log: Callable[[str], None],
+          quiet: bool, t_start: float) -> Run:
+    """Everything a run needs before its first step, each setting checked before any training
+    (a missing built-in teacher's) starts."""
+    embedded = cfg.data is None
+    check_model_name(cfg.student, embedded, "student")
+    if cfg.method != "scratch":
+        check_model_name(cfg.teacher, embedded, "teacher")
+    resume_path = _check_output(cfg)
+    data = load_data(cfg)
+    methods.check(cfg, data.num_classes)
+    per_rank = cfg.batch_size // d.world_size
+    if len(data.train) // d.world_size < per_rank:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size}: the training set has {len(data.train)} "
+            f"images, fewer than one batch per rank ({per_rank} x {d.world_size} ranks)"
+        )
+    teachers = []
+    if cfg.method != "scratch":
+        paths = provide_teacher_weights(cfg, teacher.count(cfg), log if not quiet else _silent, d)
+        teachers = teacher.build_teachers(cfg, paths, data.num_classes, data.input_shape)
+    torch.manual_seed(cfg.seed)
+    student = build_model(cfg.student, data.num_classes,
+                          with_features=methods.needs_features(cfg.method, "student"),
+                          input_shape=data.input_shape)
+    plan = methods.build(methods.Context(cfg, student, teachers, data.num_classes,
+                                         data.input_shape))
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    for module in [*plan.modules.values(), *teachers]:
+        prepare(module, device, channels_last)
+    # Distinct streams per rank for anything random after initialisation (DDP keeps weights
+    # identical by broadcasting rank 0's at wrap time).
+    torch.manual_seed(cfg.seed + d.rank)
+    progress = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    return Run(
+        cfg=cfg, d=d, device=device,
+        log=log if d.is_main and not quiet else _silent,
+        output=Path(cfg.output), channels_last=channels_last,
+        progress=progress and d.is_main and not quiet,
+        data=data, student=student, plan=plan,
+        loaders=build_loaders(cfg, data, d, device, per_rank), resume_path=resume_path,
+        profiler=Profiler(cfg.profile_steps, device), t_start=t_start,
+    )
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def _print(message: str) -> None:
+    print(message, flush=True)
+
+
+def _check_output(cfg: Config) -> Path | None:
+    """The checkpoint to resume from, or None; refuses to clobber an earlier run."""
+    existing = Path(cfg.output) / CHECKPOINT
+    if cfg.resume is not None:
+        return existing if cfg.resume == "auto" else Path(cfg.resume)
+    if existing.exists() and not cfg.overwrite:
+        raise ConfigError(
+            f"--output {cfg.output} already holds a checkpoint; pass --resume to continue "
+            "that run, --overwrite to replace it, or another --output"
+        )
+    return None
+
+
 def load_data(cfg: Config) -> Data:
     """The training and validation sets ``cfg`` names (embedded digits, synthetic, or a folder)."""
     if cfg.data is None:
         train, val = load_digits_split(cfg.train_fraction)
         return Data(BatchedTensorDataset(train.images, train.labels),
-                    BatchedTensorDataset(val.images, val.labels), 10, (1, 8, 8), False)
+                    BatchedTensorDataset(val.images, val.labels), NUM_CLASSES, IMAGE_SHAPE,
+                    False)
     if cfg.data == SYNTHETIC:
         shape = (3, cfg.image_size, cfg.image_size)
         return Data(
@@ -109,731 +283,451 @@ def load_data(cfg: Config) -> Data:
                 (3, cfg.image_size, cfg.image_size), True)
 
 
-class _StopFlag:
-    """Installs SIGINT/SIGTERM handlers that ask the loop to stop after the current step; a
-    second signal falls back to the default behaviour. Restores the previous handlers on exit."""
+def provide_teacher_weights(cfg: Config, count: int, log: Callable[[str], None],
+                            d: distributed.Dist) -> list[str | None]:
+    """Weight files of the run's ``count`` teachers (None: random init, for throughput runs).
 
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        if _is_main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-def _is_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _device(cfg: Config, d: distributed.Dist) -> torch.device:
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available")
-        return torch.device("cuda", d.local_rank)
-    return torch.device("cpu")
-
-
-def resolve_device(cfg: Config) -> torch.device:
-    """This process's device; fills in ``--amp auto`` for it (in place)."""
-    device = _device(cfg, distributed.Dist(local_rank=int(os.environ.get("LOCAL_RANK", "0"))))
-    if cfg.amp == "auto":
-        cfg.amp = "bf16" if device.type == "cuda" else "off"
-    if cfg.amp == "fp16" and device.type != "cuda":
-        raise ConfigError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or off")
-    return device
-
-
-def _autocast(cfg: Config, device: torch.device):
-    if cfg.amp == "off":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _optimizer(cfg: Config, modules: list[nn.Module], lr: float) -> torch.optim.Optimizer:
-    decay, no_decay, seen = [], [], set()
-    for m in modules:
-        for p in m.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    import timm.optim
-
-    if cfg.optimizer == "lars":
-        return timm.optim.Lars(groups, lr=lr, momentum=cfg.momentum)
-    return timm.optim.Lamb(groups, lr=lr)
-
-
-def lr_at(cfg: Config, base_lr: float, epochs: int, steps_per_epoch: int, step: int) -> float:
-    """Learning rate at optimizer step ``step`` (0-based) of a phase of ``epochs`` epochs."""
-    total = epochs * steps_per_epoch
-    warm = min(round(cfg.warmup_epochs * steps_per_epoch), total)
-    if step < warm:
-        return base_lr * (step + 1) / warm
-    if cfg.lr_schedule == "constant":
-        return base_lr
-    if cfg.lr_schedule == "step":
-        epoch = step // steps_per_epoch
-        return base_lr * cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
-    t = (step - warm) / max(1, total - warm)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-class _Profiler:
-    """Wall time per section of the first ``steps`` steps, synchronising the device."""
-
-    SECTIONS = ("data", "teacher_forward", "student_forward", "distillation_loss",
-                "backward_step")
-
-    def __init__(self, steps: int, device: torch.device) -> None:
-        self.steps = steps
-        self.device = device
-        self.totals = dict.fromkeys(self.SECTIONS, 0.0)
-        self.count = 0
-        self.images = 0
-        self._t = 0.0
-
-    @property
-    def active(self) -> bool:
-        return self.count < self.steps
-
-    def start(self) -> None:
-        if self.active:
-            self._sync()
-            self._t = time.perf_counter()
-
-    def mark(self, section: str) -> None:
-        if self.active:
-            self._sync()
-            now = time.perf_counter()
-            self.totals[section] += now - self._t
-            self._t = now
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def report(self) -> dict[str, Any]:
-        total = sum(self.totals.values())
-        return {
-            "steps": self.count,
-            "images": self.images,
-            "images_per_s": self.images / total if total else 0.0,
-            "ms_per_step": {k: 1e3 * v / max(1, self.count) for k, v in self.totals.items()},
-            "share": {k: v / total if total else 0.0 for k, v in self.totals.items()},
-        }
-
-
-def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    if channels_last and x.dim() == 4:
-        return x.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return x.to(device, non_blocking=True)
-
-
-def _prepare(module: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
-    module.to(device)
-    if channels_last:
-        module.to(memory_format=torch.channels_last)
-    return module
-
-
-def _teacher_models(cfg: Config, data: Data, log: Callable[[str], None],
-                    d: distributed.Dist) -> list[StagedNet]:
-    """The frozen teachers, weights loaded (trained and cached first on the embedded data)."""
-    from .teacher import cached_teacher_paths
-
-    method = cfg.method
-    count = cfg.feed_teachers if method == "feed" else 1
-    with_features = methods.needs_features(method, "teacher")
+    On the embedded data without ``--teacher-weights``, a built-in teacher missing from the cache
+    is trained first by a run of its own -- a scratch run, which has no teacher, so this is as
+    deep as the recursion goes -- and cached.
+    """
     if cfg.data == SYNTHETIC and not cfg.teacher_weights:
         log(f"--data synthetic: {count} randomly initialised teacher(s), for throughput only")
-        paths: list[str | None] = [None] * count
-    elif cfg.teacher_weights:
-        paths = list(cfg.teacher_weights)
-    else:
-        paths = [str(p) for p in cached_teacher_paths(cfg, count, log, d)]
-    teachers = []
-    for i, path in enumerate(paths):
-        torch.manual_seed(cfg.seed + 1000 + i)
-        net = build_model(cfg.teacher, data.num_classes, with_features=with_features,
-                          input_shape=data.input_shape)
-        if path is not None:
-            net.load_weights(ckpt.read_weights(path), f"--teacher-weights {path}")
-        net.eval().requires_grad_(False)
-        teachers.append(net)
-    return teachers
+        return [None] * count
+    if cfg.teacher_weights:
+        return list(cfg.teacher_weights)
+    entries = teacher.cache_entries(cfg, count)
+    for entry in entries:
+        if entry.path.exists():
+            if entry.info.exists():
+                meta = json.loads(entry.info.read_text())
+                log(f"teacher {entry.seed}: cached {entry.path} (val top1 "
+                    f"{meta['val_top1']:.2f}%)")
+            continue
+        log(f"teacher {entry.seed}: training {cfg.teacher} ({cfg.teacher_epochs} epochs, seed "
+            f"{entry.seed}) once; it is cached at {entry.path}")
+        resume = (entry.run_dir / CHECKPOINT).exists()
+        result = train(teacher.run_config(cfg, entry, resume), quiet=True)
+        if d.is_main:
+            teacher.store(cfg, entry, result.student_path, result.val_top1, result.time_s)
+        distributed.barrier(d)
+        log(f"teacher {entry.seed}: val top1 {result.val_top1:.2f}% after {result.time_s:.1f}s")
+    return [str(entry.path) for entry in entries]
 
 
-def train(cfg: Config, *, log: Callable[[str], None] | None = None,
-          quiet: bool = False) -> RunResult:
-    """Runs one training job described by ``cfg`` (resolved here). See the module docstring."""
-    world = distributed.env_world_size()
-    cfg = resolve(cfg, world_size=world)
-    if cfg.method is None:
-        raise ConfigError("train() needs a --method")
-    own_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    device = resolve_device(cfg)
-    d = distributed.init(device.type)
-    threads = torch.get_num_threads()
-    try:
-        return _Run(cfg, d, device, log, quiet).fit()
-    finally:
-        torch.set_num_threads(threads)
-        if own_group:
-            distributed.shutdown(d)
+def build_loaders(cfg: Config, data: Data, d: distributed.Dist, device: torch.device,
+                  per_rank: int) -> Loaders:
+    sampler = ResumableDistributedSampler(data.train, d.world_size, d.rank, cfg.seed)
+    pin = device.type == "cuda"
+    # In-memory data sets hand over whole batches (one gather instead of a per-image collate).
+    collate = collate_batch if hasattr(data.train, "__getitems__") else None
+    # Own generator: creating a loader iterator must not draw from the global RNG stream, or
+    # a resumed run would see a different stream from an uninterrupted one.
+    train_loader = DataLoader(
+        data.train, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
+        pin_memory=pin, drop_last=True, generator=torch.Generator().manual_seed(cfg.seed),
+        collate_fn=collate,
+    )
+    val_loader = DataLoader(
+        data.val, batch_size=max(per_rank, 256),
+        sampler=ShardSampler(len(data.val), d.world_size, d.rank),
+        num_workers=cfg.workers, pin_memory=pin, collate_fn=collate,
+    )
+    full = len(sampler) // per_rank
+    return Loaders(sampler, train_loader, val_loader, per_rank,
+                   min(full, cfg.max_steps_per_epoch or full))
 
 
-class _Run:
-    def __init__(self, cfg: Config, d: distributed.Dist, device: torch.device,
-                 log: Callable[[str], None] | None, quiet: bool) -> None:
-        self.cfg = cfg
-        self.d = d
-        self.device = device
-        self.quiet = quiet
-        self._log = log or (lambda s: print(s, flush=True))
-        self.output = Path(cfg.output)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        elif cfg.data is None:
-            # The digits' 8x8 convolutions gain nothing from intra-op threads, and on shared cores
-            # the threads' barriers cost several times the work.
-            torch.set_num_threads(1)
-        elif d.enabled and device.type == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // d.world_size))
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        self.channels_last = (
-            cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-        )
-        self.progress = (
-            cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-        ) and d.is_main and not quiet
+def resume(run: Run, state: TrainState) -> dict[str, Any]:
+    """Loads the checkpoint at ``run.resume_path`` into ``state`` and this rank's RNG states;
+    returns it (its optimizer state is loaded when its phase starts)."""
+    path = run.resume_path
+    saved = ckpt.load(path)
+    ckpt.check_matches(saved["config"], run.cfg.to_dict(), str(path))
+    state.load(saved, path)
+    rngs = saved["rng"]
+    if saved.get("world_size") != run.d.world_size:
+        run.log(f"warning: {path} was written by {saved.get('world_size')} ranks, resuming "
+                f"on {run.d.world_size}: the data order differs from an uninterrupted run")
+    ckpt.set_rng_state(rngs[run.d.rank] if run.d.rank < len(rngs) else rngs[0])
+    run.log(f"resuming {path} at epoch {state.epoch + 1}, step {state.step}")
+    return saved
 
-    def log(self, message: str) -> None:
-        if self.d.is_main and not self.quiet:
-            self._log(message)
 
-    # -- set-up -------------------------------------------------------------------------------
+def _phase_of(plan: methods.Plan, epoch: int) -> tuple[int, int]:
+    """(phase index, epoch within the phase) of the run's ``epoch``."""
+    for i, phase in enumerate(plan.phases):
+        if epoch < phase.epochs:
+            return i, epoch
+        epoch -= phase.epochs
+    raise AssertionError("epoch beyond the plan")
 
-    def _check_output(self) -> Path | None:
-        """The checkpoint to resume from, or None; refuses to clobber an earlier run."""
-        cfg = self.cfg
-        existing = self.output / CHECKPOINT
-        if cfg.resume is not None:
-            return existing if cfg.resume == "auto" else Path(cfg.resume)
-        if existing.exists() and not cfg.overwrite:
-            raise ConfigError(
-                f"--output {self.output} already holds a checkpoint; pass --resume to continue "
-                "that run, --overwrite to replace it, or another --output"
-            )
-        return None
 
-    def _build(self) -> None:
-        cfg = self.cfg
-        embedded = cfg.data is None
-        check_model_name(cfg.student, embedded, "student")
-        if cfg.method != "scratch":
-            check_model_name(cfg.teacher, embedded, "teacher")
-        self.resume_path = self._check_output()
-        self.data = load_data(cfg)
-        methods.check(cfg, self.data.num_classes)
-        per_rank = cfg.batch_size // self.d.world_size
-        if len(self.data.train) // self.d.world_size < per_rank:
-            raise ConfigError(
-                f"--batch-size {cfg.batch_size}: the training set has {len(self.data.train)} "
-                f"images, fewer than one batch per rank ({per_rank} x {self.d.world_size} ranks)"
-            )
-        self.teachers = [] if cfg.method == "scratch" else _teacher_models(
-            cfg, self.data, self._log if not self.quiet else (lambda s: None), self.d)
-        torch.manual_seed(cfg.seed)
-        student = build_model(
-            cfg.student, self.data.num_classes,
-            with_features=methods.needs_features(cfg.method, "student"),
-            input_shape=self.data.input_shape,
-        )
-        self.student = student
-        self.plan = methods.build(methods.Context(
-            cfg, student, self.teachers, self.data.num_classes, self.data.input_shape))
-        for module in self.plan.modules.values():
-            _prepare(module, self.device, self.channels_last)
-        for t in self.teachers:
-            _prepare(t, self.device, self.channels_last)
-        self.teacher_fns = {}
-        # Distinct streams per rank for anything random after initialisation (DDP keeps weights
-        # identical by broadcasting rank 0's at wrap time).
-        torch.manual_seed(cfg.seed + self.d.rank)
+def start_phase(run: Run, state: TrainState, index: int, saved: dict[str, Any] | None
+                ) -> tuple[nn.Module, Callable | None]:
+    """Freezes all but the phase's trainable modules, gives ``state`` the phase's optimizer,
+    scaler and schedule (from ``saved`` when it was checkpointed in this phase); returns the
+    module to train (DDP-wrapped, compiled) and the teacher-side function."""
+    cfg = run.cfg
+    phase = run.plan.phases[index]
+    for m in run.plan.modules.values():
+        m.requires_grad_(False).eval()
+    for m in phase.trainable:
+        m.requires_grad_(True).train()
+    base_lr = peak_lr(cfg, phase.lr)
+    state.optimizer = build_optimizer(cfg, phase.trainable, base_lr)
+    state.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+    state.schedule = Schedule(cfg, base_lr, phase.epochs, run.loaders.steps_per_epoch)
+    state.phase = index
+    if saved is not None and saved.get("optimizer_phase") == index:
+        state.optimizer.load_state_dict(saved["optimizer"])
+        if state.scaler is not None and saved.get("scaler") is not None:
+            state.scaler.load_state_dict(saved["scaler"])
+    module = phase.module
+    if run.d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        self.per_rank_batch = per_rank
-        self.sampler = ResumableDistributedSampler(
-            self.data.train, self.d.world_size, self.d.rank, cfg.seed)
-        pin = self.device.type == "cuda"
-        # In-memory data sets hand over whole batches (one gather instead of a per-image collate).
-        collate = collate_batch if hasattr(self.data.train, "__getitems__") else None
-        # Own generator: creating a loader iterator must not draw from the global RNG stream, or
-        # a resumed run would see a different stream from an uninterrupted one.
-        self.train_loader = DataLoader(
-            self.data.train, batch_size=per_rank, sampler=self.sampler,
-            num_workers=cfg.workers, pin_memory=pin, drop_last=True,
-            generator=torch.Generator().manual_seed(cfg.seed), collate_fn=collate,
-        )
-        self.val_loader = DataLoader(
-            self.data.val, batch_size=max(per_rank, 256),
-            sampler=ShardSampler(len(self.data.val), self.d.world_size, self.d.rank),
-            num_workers=cfg.workers, pin_memory=pin, collate_fn=collate,
-        )
-        full = len(self.sampler) // per_rank
-        self.steps_per_epoch = min(full, cfg.max_steps_per_epoch or full)
+        module = DDP(module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    teacher_fn = phase.teacher
+    if cfg.compile:
+        module = torch.compile(module)
+        teacher_fn = teacher_fn and torch.compile(teacher_fn)
+    return module, teacher_fn
 
-    def _wrap(self, module: nn.Module) -> nn.Module:
-        if self.d.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
 
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            module = DDP(module, device_ids=ids)
-        if self.cfg.compile:
-            module = torch.compile(module)
-        return module
+# -- one epoch ------------------------------------------------------------------------------------
 
-    def _teacher_fn(self, phase: methods.Phase):
-        fn = phase.teacher
-        if fn is None or not self.cfg.compile:
-            return fn
-        if id(fn) not in self.teacher_fns:
-            self.teacher_fns[id(fn)] = torch.compile(fn)
-        return self.teacher_fns[id(fn)]
 
-    def _start_phase(self, index: int, saved: dict[str, Any] | None) -> None:
-        cfg = self.cfg
-        phase = self.plan.phases[index]
-        for m in self.plan.modules.values():
-            m.requires_grad_(False).eval()
-        for m in phase.trainable:
-            m.requires_grad_(True).train()
-        peak = cfg.lr if phase.lr is None else phase.lr
-        base_lr = peak * (cfg.batch_size / cfg.lr_base_batch if cfg.lr_scaling == "linear"
-                          else 1.0)
-        self.base_lr = base_lr
-        self.optimizer = _optimizer(cfg, phase.trainable, base_lr)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-        if saved is not None and saved.get("optimizer_phase") == index:
-            self.optimizer.load_state_dict(saved["optimizer"])
-            if self.scaler is not None and saved.get("scaler") is not None:
-                self.scaler.load_state_dict(saved["scaler"])
-        self.train_module = self._wrap(phase.module)
-        self.phase_index = index
-
-    def _phase_of(self, epoch: int) -> tuple[int, int]:
-        for i, phase in enumerate(self.plan.phases):
-            if epoch < phase.epochs:
-                return i, epoch
-            epoch -= phase.epochs
-        raise AssertionError("epoch beyond the plan")
-
-    # -- checkpoints --------------------------------------------------------------------------
-
-    def _state(self, epoch: int, step: int, sums: dict[str, torch.Tensor] | None,
-               finished: bool) -> dict[str, Any] | None:
-        rngs = [ckpt.rng_state()]
-        if self.d.enabled:
-            gathered: list[Any] = [None] * self.d.world_size
-            torch.distributed.all_gather_object(gathered, rngs[0])
-            rngs = gathered
-        if not self.d.is_main:
-            return None
-        return {
-            "format": ckpt.FORMAT,
-            "version": ckpt.VERSION,
-            "config": self.cfg.to_dict(),
-            "world_size": self.d.world_size,
-            "modules": {k: m.state_dict() for k, m in self.plan.modules.items()},
-            "model": self.student.weights(),
-            "position": {"epoch": epoch, "step": step, "global_step": self.global_step},
-            "optimizer": self.optimizer.state_dict(),
-            "optimizer_phase": self.phase_index,
-            "scaler": None if self.scaler is None else self.scaler.state_dict(),
-            "rng": rngs,
-            "epoch_sums": None if sums is None else {k: v.cpu() for k, v in sums.items()},
-            "history": list(self.metrics.history),
-            "elapsed_s": self.elapsed(),
-            "train_time_s": self.train_time,
-            "train_images": self.train_images,
-            "finished": finished,
-        }
-
-    def _save(self, epoch: int, step: int, sums, finished: bool = False) -> None:
-        state = self._state(epoch, step, sums, finished)
-        if state is not None:
-            ckpt.atomic_save(state, self.output / CHECKPOINT)
-        distributed.barrier(self.d)
-
-    def _restore(self, path: Path) -> dict[str, Any]:
-        saved = ckpt.load(path)
-        ckpt.check_matches(saved["config"], self.cfg.to_dict(), str(path))
-        modules = saved.get("modules", {})
-        if set(modules) != set(self.plan.modules):
-            raise ckpt.CheckpointError(
-                f"--resume: {path} holds modules {sorted(modules)}, this run trains "
-                f"{sorted(self.plan.modules)}"
-            )
-        for name, module in self.plan.modules.items():
-            try:
-                module.load_state_dict(modules[name])
-            except RuntimeError as e:
-                raise ckpt.CheckpointError(
-                    f"--resume: {path}: the saved {name} does not fit this run's model ({e})"
-                ) from None
-        rngs = saved["rng"]
-        if saved.get("world_size") != self.d.world_size:
-            self.log(f"warning: {path} was written by {saved.get('world_size')} ranks, resuming "
-                     f"on {self.d.world_size}: the data order differs from an uninterrupted run")
-        ckpt.set_rng_state(rngs[self.d.rank] if self.d.rank < len(rngs) else rngs[0])
-        return saved
-
-    def elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.t_start
-
-    # -- the loop -----------------------------------------------------------------------------
-
-    def fit(self) -> RunResult:
-        cfg = self.cfg
-        self.t_start = time.perf_counter()
-        self.elapsed_before = 0.0
-        self.train_time = 0.0
-        self.train_images = 0
-        self._build()
-        if self.d.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
-        saved = self._restore(self.resume_path) if self.resume_path is not None else None
-        history = list(saved["history"]) if saved else []
-        self.metrics = MetricsLog(self.output, self.d.is_main, history)
-        epoch, step, self.global_step = 0, 0, 0
-        sums = None
-        if saved is not None:
-            pos = saved["position"]
-            epoch, step, self.global_step = pos["epoch"], pos["step"], pos["global_step"]
-            sums = saved["epoch_sums"]
-            self.elapsed_before = saved["elapsed_s"]
-            self.train_time = saved["train_time_s"]
-            self.train_images = saved["train_images"]
-            self.log(f"resuming {self.resume_path} at epoch {epoch + 1}, step {step}")
-        if self.d.is_main:
-            (self.output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-        total_epochs = sum(p.epochs for p in self.plan.phases)
-        desc = methods.describe(cfg)
-        self.log(
-            f"{cfg.method}: {cfg.student} <- "
-            f"{cfg.teacher if cfg.method != 'scratch' else '(no teacher)'} | "
-            + ", ".join(f"{k}={v}" for k, v in desc.items() if k != "method")
-            + f" | {len(self.data.train)} train / {len(self.data.val)} val images, "
-            f"{self.steps_per_epoch} steps/epoch, {self.d.world_size} rank(s) on {self.device}"
-        )
-        self.profiler = _Profiler(cfg.profile_steps, self.device)
-        self.steps_this_process = 0
-        phase_started = None
-        with _StopFlag() as stop:
-            self.stop = stop
-            while epoch < total_epochs:
-                index, local_epoch = self._phase_of(epoch)
-                if phase_started != index:
-                    self._start_phase(index, saved)
-                    phase_started = index
-                    saved = None
-                self._run_epoch(epoch, local_epoch, step, sums, total_epochs)
-                epoch, step, sums = epoch + 1, 0, None
-        return self._finish()
-
-    def _new_sums(self) -> dict[str, torch.Tensor]:
-        z = lambda: torch.zeros((), dtype=torch.float64, device=self.device)  # noqa: E731
-        return {"loss": z(), "correct": z(), "count": z(), "rows": z(), "bad": z()}
-
-    def _check(self, sums: dict[str, torch.Tensor], epoch: int, step: int) -> None:
-        """Stops on a non-finite loss (any rank) or a signal (any rank)."""
-        flags = torch.stack([
-            sums["bad"].clamp(max=1.0),
-            torch.tensor(1.0 if self.stop.signum is not None else 0.0, dtype=torch.float64,
-                         device=self.device),
-            torch.tensor(1.0 if self._stop_steps() else 0.0, dtype=torch.float64,
-                         device=self.device),
-        ])
-        if self.d.enabled:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        bad, signalled, step_limit = (bool(v) for v in flags.tolist())
-        if bad:
-            last = self.output / CHECKPOINT
-            keep = (f"the last good checkpoint {last} is kept" if last.exists()
-                    else "no checkpoint was written yet")
-            raise NonFiniteLoss(
-                f"the {self.plan.phases[self.phase_index].name} loss of {self.cfg.method} became "
-                f"NaN or infinite at epoch {epoch + 1}, step {step}; {keep}. Try a lower --lr, "
-                "--warmup-epochs, or --amp off"
-            )
-        if signalled or step_limit:
-            self._save(epoch, step, sums)
-            name = (signal.Signals(self.stop.signum).name if self.stop.signum is not None
-                    else None)
-            why = f"{name} received" if name else f"--stop-after-steps {self.cfg.stop_after_steps}"
-            raise Interrupted(
-                f"{why}: checkpoint saved at epoch {epoch + 1}, step {step} to "
-                f"{self.output / CHECKPOINT}; continue with --resume",
-                self.stop.signum,
-            )
-
-    def _stop_steps(self) -> bool:
-        return (self.cfg.stop_after_steps is not None
-                and self.steps_this_process >= self.cfg.stop_after_steps)
-
-    def _batches(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        remaining = self.steps_per_epoch - start
-        for i, batch in enumerate(self.train_loader):
-            if i >= remaining:
-                break
-            yield batch
-
-    def _run_epoch(self, epoch: int, local_epoch: int, start: int, sums, total_epochs: int):
-        cfg = self.cfg
-        phase = self.plan.phases[self.phase_index]
-        teacher_fn = self._teacher_fn(phase)
-        module = self.train_module
-        self.sampler.set_position(epoch, start * self.per_rank_batch)
-        if self.data.augmented:
-            self.data.train.set_epoch(epoch)
-        sums = self._new_sums() if sums is None else {
-            k: v.to(self.device) for k, v in sums.items()}
-        cpu = self.device.type == "cpu"
-        check_every = 1 if cpu else cfg.log_interval
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=self.steps_per_epoch, initial=start, leave=False, dynamic_ncols=True,
-                       desc=f"epoch {epoch + 1}/{total_epochs} {phase.name}")
-        t0 = epoch_t0 = time.perf_counter()
-        images = epoch_images = 0
-        step = start
-        prof = self.profiler
-        prof.start()
-        for x, y in self._batches(start):
-            x = _to_device(x, self.device, self.channels_last)
-            y = y.to(self.device, non_blocking=True)
-            lr = lr_at(cfg, self.base_lr, phase.epochs, self.steps_per_epoch,
-                       local_epoch * self.steps_per_epoch + step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            prof.mark("data")
-            with _autocast(cfg, self.device):
-                tout = None
-                if teacher_fn is not None:
-                    with torch.inference_mode():
-                        tout = teacher_fn(x)
-                prof.mark("teacher_forward")
-                out = module(x, tout)
-                prof.mark("student_forward")
-                loss, loss_parts = phase.loss(out, tout, y, local_epoch + 1)
-                prof.mark("distillation_loss")
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optimizer.step()
-            prof.mark("backward_step")
-            if prof.active:
-                prof.count += 1
-                prof.images += x.shape[0] * self.d.world_size
-                if not prof.active:
-                    self._report_profile()
-            with torch.no_grad():
-                detached = loss.detach().double()
-                finite = torch.isfinite(detached)
-                sums["bad"] += (~finite).double()
-                sums["loss"] += torch.where(finite, detached, 0.0) * x.shape[0]
-                sums["rows"] += x.shape[0]
-                logits = out.get("logits")
-                if logits is not None:
-                    sums["correct"] += (logits.argmax(-1) == y).sum().double()
-                    sums["count"] += y.shape[0]
-                for name, value in loss_parts.items():
-                    key = "part_" + name
-                    if key not in sums:
-                        sums[key] = torch.zeros((), dtype=torch.float64, device=self.device)
-                    sums[key] += value.double() * x.shape[0]
-            images += x.shape[0]
-            epoch_images += x.shape[0]
-            step += 1
-            self.global_step += 1
-            self.steps_this_process += 1
-            if bar is not None:
-                bar.update(1)
-                if step % cfg.log_interval == 0:
-                    bar.set_postfix(loss=f"{(sums['loss'] / sums['rows']).item():.4f}",
-                                    lr=f"{lr:.3g}")
-            every = cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0
-            if step % check_every == 0 or every or self.stop.signum is not None \
-                    or self._stop_steps():
-                self.train_time += time.perf_counter() - t0
-                self.train_images += images * self.d.world_size
-                t0, images = time.perf_counter(), 0
-                self._check(sums, epoch, step)
-                if every and step < self.steps_per_epoch:
-                    self._save(epoch, step, sums)
-            prof.start()
+def train_one_epoch(run: Run, state: TrainState, phase: methods.Phase, module: nn.Module,
+                    teacher_fn: Callable | None, local_epoch: int, total_epochs: int
+                    ) -> tuple[dict[str, Any], float]:
+    """Trains epoch ``state.epoch`` from step ``state.step`` on; returns its metrics row
+    (training columns) and its images/s."""
+    cfg, loaders = run.cfg, run.loaders
+    loaders.sampler.set_position(state.epoch, state.step * loaders.per_rank_batch)
+    if run.data.augmented:
+        run.data.train.set_epoch(state.epoch)
+    state.sums = (_new_sums(run.device) if state.sums is None
+                  else {k: v.to(run.device) for k, v in state.sums.items()})
+    check_every = 1 if run.device.type == "cpu" else cfg.log_interval
+    bar = _progress_bar(run, state, phase, total_epochs)
+    clock = _Clock(run, state)
+    lr = 0.0
+    run.profiler.start()
+    for x, y in _batches(loaders.train, loaders.steps_per_epoch - state.step):
+        x = to_device(x, run.device, run.channels_last)
+        y = y.to(run.device, non_blocking=True)
+        lr = state.schedule(local_epoch * loaders.steps_per_epoch + state.step)
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        run.profiler.mark("data")
+        loss, parts, out = train_step(run, state, phase, module, teacher_fn, x, y, local_epoch)
+        if run.profiler.step_done(x.shape[0] * run.d.world_size):
+            _report_profile(run)
+        _accumulate(state.sums, loss, parts, out.get("logits"), y)
+        clock.images += x.shape[0]
+        state.step += 1
+        state.global_step += 1
+        run.steps_this_process += 1
         if bar is not None:
-            bar.close()
-        self.train_time += time.perf_counter() - t0
-        self.train_images += images * self.d.world_size
-        train_time = time.perf_counter() - epoch_t0
-        self._check(sums, epoch, step)
-        # The rate of the epoch's last step (also when a resumed epoch had no step left to run).
-        lr = lr_at(cfg, self.base_lr, phase.epochs, self.steps_per_epoch,
-                   (local_epoch + 1) * self.steps_per_epoch - 1)
-        row = self._epoch_row(epoch, local_epoch, phase, sums, lr)
-        row["epoch_time_s"] = time.perf_counter() - epoch_t0
-        row["images_per_s"] = epoch_images * self.d.world_size / max(train_time, 1e-9)
-        self.metrics.append(row)
-        self.log(self._epoch_line(row, total_epochs))
-        self._save(epoch + 1, 0, None, finished=epoch + 1 == total_epochs)
+            bar.update(1)
+            if state.step % cfg.log_interval == 0:
+                bar.set_postfix(loss=f"{(state.sums['loss'] / state.sums['rows']).item():.4f}",
+                                lr=f"{lr:.3g}")
+        step_checkpoint = cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0
+        if (state.step % check_every == 0 or step_checkpoint or run.stop.signum is not None
+                or _step_limit(run)):
+            clock.lap()
+            _check_stop(run, state, phase)
+            if step_checkpoint and state.step < loaders.steps_per_epoch:
+                save_checkpoint(run, state)
+        run.profiler.start()
+    if bar is not None:
+        bar.close()
+    seconds = clock.lap()
+    _check_stop(run, state, phase)
+    # The rate of the epoch's last step (also when a resumed epoch had no step left to run).
+    lr = state.schedule((local_epoch + 1) * loaders.steps_per_epoch - 1)
+    row = _train_row(run, state, phase, local_epoch, lr)
+    return row, clock.epoch_images * run.d.world_size / max(seconds, 1e-9)
 
-    def _report_profile(self) -> None:
-        report = self.profiler.report()
-        if self.d.is_main:
-            (self.output / "profile.json").write_text(json.dumps(report, indent=1))
-        rows = [[k, f"{report['ms_per_step'][k]:.2f}", f"{100 * report['share'][k]:.1f}"]
-                for k in _Profiler.SECTIONS]
-        self.log(f"profile of {report['steps']} steps ({report['images_per_s']:.0f} images/s "
-                 "with synchronisation):\n" + table(["section", "ms/step", "%"], rows))
 
-    def _evaluate(self, phase: methods.Phase) -> dict[str, float]:
-        for m in self.plan.modules.values():
-            m.eval()
-        names: list[str] | None = None
-        totals: torch.Tensor | None = None
-        with torch.inference_mode(), _autocast(self.cfg, self.device):
-            for x, y in self.val_loader:
-                x = _to_device(x, self.device, self.channels_last)
-                y = y.to(self.device, non_blocking=True)
-                outs = phase.evaluate(x)
-                if names is None:
-                    names = list(outs)
-                    totals = torch.zeros(3 * len(names) + 1, dtype=torch.float64,
-                                         device=self.device)
-                vals = []
-                for n in names:
-                    logits = outs[n].float()
-                    k = min(5, logits.shape[-1])
-                    top = logits.topk(k, dim=-1).indices
-                    vals += [
-                        F.cross_entropy(logits, y, reduction="sum").double(),
-                        (top[:, 0] == y).sum().double(),
-                        (top == y[:, None]).any(-1).sum().double(),
-                    ]
-                vals.append(torch.tensor(float(y.shape[0]), dtype=torch.float64,
-                                         device=self.device))
-                totals += torch.stack(vals)
-        for m in self.plan.phases[self.phase_index].trainable:
-            m.train()
-        if names is None:
-            totals = torch.zeros(1, dtype=torch.float64, device=self.device)
-            names = []
-        distributed.all_reduce_sum(self.d, totals)
-        t = totals.tolist()
-        n = max(1.0, t[-1])
-        result = {}
-        for i, name in enumerate(names):
-            prefix = "val" if name == "student" else f"val_{name}"
-            result[f"{prefix}_loss"] = t[3 * i] / n
-            result[f"{prefix}_top1"] = 100.0 * t[3 * i + 1] / n
-            result[f"{prefix}_top5"] = 100.0 * t[3 * i + 2] / n
-        return result
+def train_step(run: Run, state: TrainState, phase: methods.Phase, module: nn.Module,
+               teacher_fn: Callable | None, x: torch.Tensor, y: torch.Tensor, local_epoch: int
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+    """Teacher forward, student forward, the method's loss, backward and the optimizer step."""
+    prof = run.profiler
+    with autocast(run.cfg, run.device):
+        tout = None
+        if teacher_fn is not None:
+            with torch.inference_mode():
+                tout = teacher_fn(x)
+        prof.mark("teacher_forward")
+        out = module(x, tout)
+        prof.mark("student_forward")
+        loss, parts = phase.loss(out, tout, y, local_epoch + 1)
+        prof.mark("distillation_loss")
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.scaler is not None:
+        state.scaler.scale(loss).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        loss.backward()
+        state.optimizer.step()
+    prof.mark("backward_step")
+    return loss, parts, out
 
-    def _epoch_row(self, epoch: int, local_epoch: int, phase: methods.Phase, sums, lr):
-        keys = sorted(sums)
-        packed = torch.stack([sums[k] for k in keys])
-        distributed.all_reduce_sum(self.d, packed)
-        s = dict(zip(keys, packed.tolist(), strict=True))
-        rows = max(1.0, s["rows"])
-        row: dict[str, Any] = {
-            "epoch": epoch + 1, "phase": phase.name, "phase_epoch": local_epoch + 1, "lr": lr,
-            "train_loss": s["loss"] / rows,
-            "train_top1": 100.0 * s["correct"] / s["count"] if s["count"] else None,
-        }
-        for k in keys:
-            if k.startswith("part_"):
-                row["train_" + k[len("part_"):]] = s[k] / rows
-        last_of_phase = local_epoch + 1 == phase.epochs
-        if (local_epoch + 1) % self.cfg.eval_every == 0 or last_of_phase:
-            row.update(self._evaluate(phase))
-        return row
 
-    def _epoch_line(self, row: dict[str, Any], total_epochs: int) -> str:
-        parts = [f"epoch {row['epoch']:>3}/{total_epochs} {row['phase']:<7}",
-                 f"loss {row['train_loss']:.4f}"]
-        if row.get("train_top1") is not None:
-            parts.append(f"train top1 {row['train_top1']:5.1f}%")
-        if row.get("val_top1") is not None:
-            parts.append(f"val top1 {row['val_top1']:5.1f}% (loss {row['val_loss']:.4f})")
-        heads = [f"{k[4:-5]} {v:.1f}%" for k, v in row.items()
-                 if k.startswith("val_head") and k.endswith("_top1")]
-        if heads:
-            parts.append("val " + ", ".join(heads))
-        parts.append(f"{row['epoch_time_s']:.2f}s")
-        return " | ".join(parts)
+def _batches(loader: DataLoader, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for i, batch in enumerate(loader):
+        if i >= count:
+            break
+        yield batch
 
-    def _finish(self) -> RunResult:
-        history = self.metrics.history
-        student_path = None
-        if self.d.is_main:
-            student_path = self.output / STUDENT
-            ckpt.atomic_save(self.student.weights(), student_path)
-        if self.d.is_main and self.cfg.plot:
-            plot_history(history, self.output / "plot.png",
-                         f"{self.cfg.method}: {self.cfg.student}, seed {self.cfg.seed}")
-        self.metrics.close()
-        student_rows = [r for r in history if r.get("val_top1") is not None
-                        and r["phase"] == "student"]
-        final = student_rows[-1]["val_top1"] if student_rows else None
-        best = max((r["val_top1"] for r in student_rows), default=None)
-        ips = self.train_images / self.train_time if self.train_time else 0.0
-        result = RunResult(self.output, history, final, best, self.elapsed(), self.train_time,
-                           ips, student_path)
-        if not self.quiet and self.d.is_main:
-            rows = [[self.cfg.method, _pct(final), _pct(best), len(history),
-                     f"{result.time_s:.1f}", f"{ips:.0f}"]]
-            self.log(table(["method", "val top1 %", "best %", "epochs", "time s", "images/s"],
-                           rows))
-            self.log(f"wrote {self.output}/ (checkpoint.pt, student.pt, metrics.csv, "
-                     "metrics.json, plot.png, tb/)")
-        distributed.barrier(self.d)
-        return result
+
+class _Clock:
+    """Training time and images, added to the state at each synchronisation point (so a
+    checkpoint carries them) and for the whole epoch."""
+
+    def __init__(self, run: Run, state: TrainState) -> None:
+        self.world_size = run.d.world_size
+        self.state = state
+        self.start = self.t0 = time.perf_counter()
+        self.images = self.epoch_images = 0
+
+    def lap(self) -> float:
+        """Adds the time and images since the last lap to the state; returns the epoch's time."""
+        now = time.perf_counter()
+        self.state.train_time_s += now - self.t0
+        self.state.train_images += self.images * self.world_size
+        self.epoch_images += self.images
+        self.t0, self.images = now, 0
+        return now - self.start
+
+
+def _new_sums(device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.zeros((), dtype=torch.float64, device=device)
+            for k in ("loss", "correct", "count", "rows", "bad")}
+
+
+@torch.no_grad()
+def _accumulate(sums: dict[str, torch.Tensor], loss: torch.Tensor,
+                parts: dict[str, torch.Tensor], logits: torch.Tensor | None,
+                y: torch.Tensor) -> None:
+    """Adds a step's loss (non-finite values counted, not summed), accuracy and loss parts to the
+    epoch's sums, on the device."""
+    n = y.shape[0]
+    detached = loss.detach().double()
+    finite = torch.isfinite(detached)
+    sums["bad"] += (~finite).double()
+    sums["loss"] += torch.where(finite, detached, 0.0) * n
+    sums["rows"] += n
+    if logits is not None:
+        sums["correct"] += (logits.argmax(-1) == y).sum().double()
+        sums["count"] += n
+    for name, value in parts.items():
+        key = "part_" + name
+        if key not in sums:
+            sums[key] = torch.zeros((), dtype=torch.float64, device=value.device)
+        sums[key] += value.double() * n
+
+
+def _step_limit(run: Run) -> bool:
+    limit = run.cfg.stop_after_steps
+    return limit is not None and run.steps_this_process >= limit
+
+
+def _check_stop(run: Run, state: TrainState, phase: methods.Phase) -> None:
+    """Stops on a non-finite loss (any rank), or checkpoints and stops on a signal or
+    ``--stop-after-steps`` (any rank)."""
+    device = run.device
+    flags = torch.stack([
+        state.sums["bad"].clamp(max=1.0),
+        torch.tensor(1.0 if run.stop.signum is not None else 0.0, dtype=torch.float64,
+                     device=device),
+        torch.tensor(1.0 if _step_limit(run) else 0.0, dtype=torch.float64, device=device),
+    ])
+    if run.d.enabled:
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    bad, signalled, step_limit = (bool(v) for v in flags.tolist())
+    if bad:
+        last = run.output / CHECKPOINT
+        keep = (f"the last good checkpoint {last} is kept" if last.exists()
+                else "no checkpoint was written yet")
+        raise NonFiniteLoss(
+            f"the {phase.name} loss of {run.cfg.method} became NaN or infinite at epoch "
+            f"{state.epoch + 1}, step {state.step}; {keep}. Try a lower --lr, --warmup-epochs, "
+            "or --amp off"
+        )
+    if signalled or step_limit:
+        save_checkpoint(run, state)
+        signum = run.stop.signum
+        why = (f"{signal.Signals(signum).name} received" if signum is not None
+               else f"--stop-after-steps {run.cfg.stop_after_steps}")
+        raise Interrupted(
+            f"{why}: checkpoint saved at epoch {state.epoch + 1}, step {state.step} to "
+            f"{run.output / CHECKPOINT}; continue with --resume",
+            signum,
+        )
+
+
+def _train_row(run: Run, state: TrainState, phase: methods.Phase, local_epoch: int,
+               lr: float) -> dict[str, Any]:
+    """The epoch's training metrics, summed over the ranks."""
+    keys = sorted(state.sums)
+    packed = torch.stack([state.sums[k] for k in keys])
+    distributed.all_reduce_sum(run.d, packed)
+    s = dict(zip(keys, packed.tolist(), strict=True))
+    rows = max(1.0, s["rows"])
+    row: dict[str, Any] = {
+        "epoch": state.epoch + 1, "phase": phase.name, "phase_epoch": local_epoch + 1, "lr": lr,
+        "train_loss": s["loss"] / rows,
+        "train_top1": 100.0 * s["correct"] / s["count"] if s["count"] else None,
+    }
+    for k in keys:
+        if k.startswith("part_"):
+            row["train_" + k[len("part_"):]] = s[k] / rows
+    return row
+
+
+def evaluate(run: Run, phase: methods.Phase) -> dict[str, float]:
+    """Validation loss, top-1 and top-5 of everything the phase scores (the student, DIH's
+    heads), over the whole validation set split across the ranks."""
+    for m in run.plan.modules.values():
+        m.eval()
+    names: list[str] | None = None
+    totals: torch.Tensor | None = None
+    with torch.inference_mode(), autocast(run.cfg, run.device):
+        for x, y in run.loaders.val:
+            x = to_device(x, run.device, run.channels_last)
+            y = y.to(run.device, non_blocking=True)
+            outs = phase.evaluate(x)
+            if names is None:
+                names = list(outs)
+                totals = torch.zeros(3 * len(names) + 1, dtype=torch.float64, device=run.device)
+            vals = []
+            for n in names:
+                logits = outs[n].float()
+                k = min(5, logits.shape[-1])
+                top = logits.topk(k, dim=-1).indices
+                vals += [
+                    F.cross_entropy(logits, y, reduction="sum").double(),
+                    (top[:, 0] == y).sum().double(),
+                    (top == y[:, None]).any(-1).sum().double(),
+                ]
+            vals.append(torch.tensor(float(y.shape[0]), dtype=torch.float64, device=run.device))
+            totals += torch.stack(vals)
+    for m in phase.trainable:
+        m.train()
+    if names is None:
+        totals = torch.zeros(1, dtype=torch.float64, device=run.device)
+        names = []
+    distributed.all_reduce_sum(run.d, totals)
+    t = totals.tolist()
+    n = max(1.0, t[-1])
+    result = {}
+    for i, name in enumerate(names):
+        prefix = "val" if name == "student" else f"val_{name}"
+        result[f"{prefix}_loss"] = t[3 * i] / n
+        result[f"{prefix}_top1"] = 100.0 * t[3 * i + 1] / n
+        result[f"{prefix}_top5"] = 100.0 * t[3 * i + 2] / n
+    return result
+
+
+# -- checkpoints, logs and the end of the run -----------------------------------------------------
+
+
+def save_checkpoint(run: Run, state: TrainState, finished: bool = False) -> None:
+    """Writes ``state`` (with every rank's RNG states) to ``<output>/checkpoint.pt``, atomically."""
+    rngs = [ckpt.rng_state()]
+    if run.d.enabled:
+        gathered: list[Any] = [None] * run.d.world_size
+        torch.distributed.all_gather_object(gathered, rngs[0])
+        rngs = gathered
+    if run.d.is_main:
+        contents = state.checkpoint(run.cfg.to_dict(), run.d.world_size, rngs,
+                                    _elapsed(run, state), finished)
+        ckpt.atomic_save(contents, run.output / CHECKPOINT)
+    distributed.barrier(run.d)
+
+
+def _elapsed(run: Run, state: TrainState) -> float:
+    return state.elapsed_s + time.perf_counter() - run.t_start
+
+
+def _progress_bar(run: Run, state: TrainState, phase: methods.Phase, total_epochs: int):
+    if not run.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.loaders.steps_per_epoch, initial=state.step, leave=False,
+                dynamic_ncols=True, desc=f"epoch {state.epoch + 1}/{total_epochs} {phase.name}")
+
+
+def _report_profile(run: Run) -> None:
+    report = run.profiler.report()
+    if run.d.is_main:
+        (run.output / "profile.json").write_text(json.dumps(report, indent=1))
+    rows = [[k, f"{report['ms_per_step'][k]:.2f}", f"{100 * report['share'][k]:.1f}"]
+            for k in Profiler.SECTIONS]
+    run.log(f"profile of {report['steps']} steps ({report['images_per_s']:.0f} images/s "
+            "with synchronisation):\n" + table(["section", "ms/step", "%"], rows))
+
+
+def _header(run: Run) -> str:
+    cfg = run.cfg
+    desc = methods.describe(cfg)
+    return (
+        f"{cfg.method}: {cfg.student} <- "
+        f"{cfg.teacher if cfg.method != 'scratch' else '(no teacher)'} | "
+        + ", ".join(f"{k}={v}" for k, v in desc.items() if k != "method")
+        + f" | {len(run.data.train)} train / {len(run.data.val)} val images, "
+        f"{run.loaders.steps_per_epoch} steps/epoch, {run.d.world_size} rank(s) on {run.device}"
+    )
+
+
+def _epoch_line(row: dict[str, Any], total_epochs: int) -> str:
+    parts = [f"epoch {row['epoch']:>3}/{total_epochs} {row['phase']:<7}",
+             f"loss {row['train_loss']:.4f}"]
+    if row.get("train_top1") is not None:
+        parts.append(f"train top1 {row['train_top1']:5.1f}%")
+    if row.get("val_top1") is not None:
+        parts.append(f"val top1 {row['val_top1']:5.1f}% (loss {row['val_loss']:.4f})")
+    heads = [f"{k[4:-5]} {v:.1f}%" for k, v in row.items()
+             if k.startswith("val_head") and k.endswith("_top1")]
+    if heads:
+        parts.append("val " + ", ".join(heads))
+    parts.append(f"{row['epoch_time_s']:.2f}s")
+    return " | ".join(parts)
+
+
+def finish(run: Run, state: TrainState, metrics: MetricsLog) -> RunResult:
+    """Exports the student, plots, prints the summary; the run's result."""
+    cfg, history = run.cfg, state.history
+    student_path = None
+    if run.d.is_main:
+        student_path = run.output / STUDENT
+        ckpt.atomic_save(run.student.weights(), student_path)
+    if run.d.is_main and cfg.plot:
+        plot_history(history, run.output / "plot.png",
+                     f"{cfg.method}: {cfg.student}, seed {cfg.seed}")
+    metrics.close()
+    student_rows = [r for r in history if r.get("val_top1") is not None
+                    and r["phase"] == "student"]
+    final = student_rows[-1]["val_top1"] if student_rows else None
+    best = max((r["val_top1"] for r in student_rows), default=None)
+    ips = state.train_images / state.train_time_s if state.train_time_s else 0.0
+    result = RunResult(run.output, history, final, best, _elapsed(run, state),
+                       state.train_time_s, ips, student_path)
+    rows = [[cfg.method, _pct(final), _pct(best), len(history), f"{result.time_s:.1f}",
+             f"{ips:.0f}"]]
+    run.log(table(["method", "val top1 %", "best %", "epochs", "time s", "images/s"], rows))
+    run.log(f"wrote {run.output}/ (checkpoint.pt, student.pt, metrics.csv, metrics.json, "
+            "plot.png, tb/)")
+    distributed.barrier(run.d)
+    return result
 
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
-

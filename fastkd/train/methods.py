@@ -13,7 +13,7 @@ backward, so they take them as they are; where a teacher activation is the *inpu
 module (DIH's heads, ND's student blocks) it is cloned first, because autograd cannot save an
 inference tensor.
 
-Methods (PAPERS.md sections; defaults in ``fastkd.train.config``):
+Methods (sections of docs/methods.md; defaults in ``fastkd.train.config``):
 
 * ``scratch``: ``CE(s, y)``.
 * ``kd`` (section 1): ``alpha * T^2 KL(p || q) + (1 - alpha) CE``.

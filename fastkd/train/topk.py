@@ -1,4 +1,5 @@
-"""Partial teacher (Tang et al. 2020, PAPERS.md section 6): keep the teacher's top-k probabilities.
+"""Partial teacher (Tang et al. 2020, docs/methods.md section 6): keep the teacher's top-k
+probabilities.
 
 With ``p = softmax(t / T)`` over ``C`` classes and ``K`` the indices of its ``k`` largest entries,
 the target is
