@@ -1,35 +1,49 @@
 """The pytest-benchmark test shared by ``bench/bench_<loss>.py``: one benchmark per case of
 ``python -m fastkd bench --loss <loss>`` (``fastkd/benchmark/<loss>.py``), implementation (fastkd,
-eager, compile) and mode (fwd, fwdbwd), timed with the same input rotation. Each benchmark's
-``extra_info`` holds the fewest bytes moved and the GB/s of its median.
+eager, compile) and mode (fwd, fwdbwd).
+
+Each benchmark is measured by ``python -m fastkd bench``'s own code (``Runner.measure``: the same
+input rotation, timer, warm-up and time budget), one implementation at a time, and pytest-benchmark
+receives that measurement's per-call times instead of timing anything itself: its min, median,
+mean and spread are those of the samples behind the bench command's figures. Each benchmark's
+``extra_info`` holds the device, the backend, the fewest bytes moved, the GB/s of the median, its
+fraction of the copy bandwidth (measured once per session) and the number of rotated input copies.
 
 Environment: ``FASTKD_BENCH_DEVICE`` (cpu or cuda; default cuda when visible) and
-``FASTKD_BENCH_QUICK=1`` (the small shapes of ``--quick``).
+``FASTKD_BENCH_QUICK=1`` (the small shapes and short timing of ``--quick``).
 """
 
 from __future__ import annotations
 
+import functools
 import os
-import time
 
 import pytest
 import torch
 
-from fastkd.benchmark import Impl, Rotation, Selection, input_sets, load_loss
+from fastkd.benchmark import Impl, Runner, Selection, Settings, load_loss
 
 DEVICE = os.environ.get("FASTKD_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 QUICK = os.environ.get("FASTKD_BENCH_QUICK", "0") == "1"
 SELECTION = Selection(device=DEVICE, peers=("eager", "compile"), quick=QUICK)
 IMPLS = ("fastkd", "eager", "compile")
 MODES = ("fwd", "fwdbwd")
-# Rounds aim at this much timed work per benchmark, within [MIN_ROUNDS, MAX_ROUNDS].
-TARGET_S = 0.1 if QUICK else 1.0
-MIN_ROUNDS, MAX_ROUNDS = 5, 2000
 
 
-def _sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+@functools.cache
+def _runner() -> Runner:
+    runner = Runner(SELECTION, Settings.defaults(DEVICE, QUICK))
+    runner.log = lambda msg: None  # pytest reports what failed
+    return runner
+
+
+def _hand_over(benchmark, samples_ms: list[float]) -> None:
+    """Gives pytest-benchmark the per-call times: what ``benchmark.pedantic`` does with the
+    duration of each round it times, which pytest-benchmark (5.x) offers no public call for."""
+    benchmark._mode = "fastkd.benchmark"
+    stats = benchmark._make_stats(1)
+    for ms in samples_ms:
+        stats.update(ms / 1e3)
 
 
 def loss_benchmark(loss: str):
@@ -48,32 +62,26 @@ def loss_benchmark(loss: str):
         chosen = {i.name: i for i in bench.impls(case, SELECTION)}[impl]
         if not isinstance(chosen, Impl):
             pytest.skip(chosen.reason)
-        backward = mode == "fwdbwd"
-        rot = Rotation(chosen.build(), input_sets(bench, case, DEVICE, mode), backward)
-
-        def call() -> None:
-            rot()
-            _sync()
-
-        with torch.set_grad_enabled(backward):
-            for _ in range(3):  # compiles what needs compiling
-                rot.clear()
-                call()
-            start = time.perf_counter()
-            rot.clear()
-            call()
-            once = max(time.perf_counter() - start, 1e-6)
-            rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, TARGET_S / once)))
-            benchmark.pedantic(call, setup=rot.clear, rounds=rounds, iterations=1)
-
-        nbytes = bench.min_bytes(case, mode)
-        median = benchmark.stats.stats.median
+        runner = _runner()
+        sets = runner.input_sets(bench, case, mode)
+        if benchmark.disabled:  # --benchmark-disable: one call, as pytest-benchmark does
+            with torch.set_grad_enabled(mode == "fwdbwd"):
+                loss_value = chosen.build()(*sets[0].args)
+                if mode == "fwdbwd":
+                    loss_value.backward()
+            return
+        measured = runner.measure(bench, case, mode, [chosen], sets)
+        if not measured:
+            pytest.fail(f"{impl} did not run: {runner.skipped[-1]['reason']}")
+        m, timing = measured[0]
+        _hand_over(benchmark, timing.samples_ms)
         benchmark.extra_info.update(
             device=DEVICE,
-            backend=chosen.backend,
-            bytes=nbytes,
-            gbps=nbytes / median / 1e9,
-            copies=len(rot.sets),
+            backend=m["backend"],
+            bytes=m["bytes"],
+            gbps=m["gbps"],
+            copy_fraction=m["copy_fraction"],
+            copies=m["copies"],
         )
 
     return test

@@ -5,8 +5,10 @@ They check the structure of what the command writes, never speed.
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,6 +203,33 @@ def test_module_entry_point_and_list(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert "kd_loss" in run.stdout and "cohort3" in run.stdout
+
+
+def test_pytest_benchmark_suite_reports_the_harness_samples(tmp_path):
+    """bench/bench_kd_loss.py: pytest-benchmark's statistics are those of the harness's per-call
+    samples (GB/s of their median), not a timing of its own."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "suite.json"
+    # The pytest script, not `python -m pytest`, which would put the root on sys.path.
+    pytest_script = Path(sys.executable).with_name("pytest")
+    run = subprocess.run(
+        [str(pytest_script), "bench/bench_kd_loss.py", "--benchmark-only", "-q",
+         "-p", "no:cacheprovider", "-k", "64x100-fp32-plain-fastkd-fwd and not fwdbwd",
+         f"--benchmark-json={out}"],
+        cwd=root,
+        env={**os.environ, "FASTKD_BENCH_QUICK": "1", "FASTKD_BENCH_DEVICE": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (result,) = json.loads(out.read_text())["benchmarks"]
+    info, stats = result["extra_info"], result["stats"]
+    assert info["device"] == "cpu" and info["backend"] == "cpu" and info["copies"] >= 1
+    assert info["bytes"] == expected_bytes((64, 100), "fp32", "plain", "fwd")
+    assert stats["rounds"] >= _timing.MIN_REPS and stats["iterations"] == 1
+    assert math.isclose(info["gbps"], info["bytes"] / stats["median"] / 1e9, rel_tol=1e-9)
+    assert info["copy_fraction"] > 0
 
 
 def test_no_command_prints_the_commands(capsys):

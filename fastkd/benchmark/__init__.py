@@ -28,8 +28,7 @@ from ._core import (
     Skip,
     parse_shape,
 )
-from ._runner import input_sets
-from ._timing import Rotation
+from ._runner import Runner, Settings
 
 
 def available_losses() -> list[str]:
@@ -57,11 +56,11 @@ __all__ = [
     "Impl",
     "Inputs",
     "LossBench",
-    "Rotation",
+    "Runner",
     "Selection",
+    "Settings",
     "Skip",
     "available_losses",
-    "input_sets",
     "load_loss",
     "parse_shape",
 ]

@@ -14,7 +14,7 @@ import torch
 from ..backends import CHOICES as BACKEND_CHOICES
 from ..memory import cpu_cache_info
 from . import available_losses, load_loss
-from ._core import DTYPES, MODES, PEERS, Selection, parse_shape, shape_str
+from ._core import DTYPES, MODES, PEERS, LossBench, Selection, parse_shape, shape_str
 from ._report import Results, environment, markdown, now, plot, table
 from ._runner import Runner, Settings
 from ._timing import CACHE_STATES
@@ -61,6 +61,12 @@ def _positive(text: str) -> float:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    _add_bench_parser(sub)
+    _add_report_parser(sub)
+    _add_tune_parser(sub)
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="time fastkd's losses against PyTorch eager, torch.compile and Liger-Kernel",
@@ -174,6 +180,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=run_bench, parser=p)
 
+
+def _add_report_parser(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser(
         "report",
         help="print the table (and plot) of saved benchmark results",
@@ -196,6 +204,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     )
     r.set_defaults(func=run_report, parser=r)
 
+
+def _add_tune_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser(
         "tune",
         help="write the backend tables backend='auto' reads, from GPU benchmark results",
@@ -222,15 +232,16 @@ def _list() -> int:
     return 0
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def _selection(args: argparse.Namespace) -> tuple[list[LossBench], Selection]:
+    """The losses and the selection the command line asks for (usage errors exit here)."""
     parser: argparse.ArgumentParser = args.parser
-    if args.list:
-        return _list()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
     if args.append and not args.json:
         parser.error("--append needs --json PATH")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     try:
         benches = [load_loss(n) for n in (args.loss or available_losses())]
     except ValueError as e:
@@ -261,12 +272,58 @@ def run_bench(args: argparse.Namespace) -> int:
             bench.cases(sel)
     except ValueError as e:
         parser.error(str(e))
+    return benches, sel
 
+
+def _run_info(
+    args: argparse.Namespace, benches: list[LossBench], runner: Runner, copy: dict
+) -> dict:
+    """What the JSON records of one run: the command, the selection and how it was timed."""
+    sel, settings, cuda = runner.sel, runner.settings, runner.sel.device == "cuda"
+    return {
+        "started": now(),
+        "command": "python -m fastkd " + shlex.join(args.argv),
+        "selection": {
+            "device": sel.device,
+            "losses": [b.name for b in benches],
+            "dtypes": list(sel.dtypes),
+            "modes": list(sel.modes),
+            "backends": list(sel.backends),
+            "peers": list(sel.peers),
+            "shapes": None if sel.shapes is None else [list(s) for s in sel.shapes],
+            "variants": None if sel.variants is None else list(sel.variants),
+            "quick": sel.quick,
+            "seed": sel.seed,
+        },
+        "settings": {
+            "timer": "triton.testing.do_bench: CUDA events, L2 flushed, median"
+            if cuda
+            else "time.perf_counter around each call, median; caches: " + settings.cpu_cache,
+            "rep_ms": settings.rep_ms,
+            "warmup_ms": settings.warmup_ms,
+            "budget_s": settings.budget_s,
+            "rotation": f"input copies exceeding 2 x {runner.cache} bytes of cache",
+            "peak_memory": "torch.cuda.max_memory_allocated during one call minus the memory "
+            "allocated before it"
+            if cuda
+            else None,
+            "threads": torch.get_num_threads(),
+            # fastkd's own CPU outputs reuse freed blocks up to this many bytes (fastkd.memory;
+            # FASTKD_CPU_CACHE_MB=0 times them with fresh memory, as the peers get it).
+            "fastkd_cpu_block_cache_bytes": cpu_cache_info()["limit_bytes"],
+            "environment_variables": _timing_env(),
+        },
+        "copy_bandwidth": copy,
+    }
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.list:
+        return _list()
+    benches, sel = _selection(args)
     if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    settings = Settings.defaults(device, args.quick)
+    settings = Settings.defaults(sel.device, args.quick)
     if args.rep_ms:
         settings.rep_ms = args.rep_ms
     if args.warmup_ms:
@@ -275,11 +332,11 @@ def run_bench(args: argparse.Namespace) -> int:
     settings.cpu_cache = args.cpu_cache
 
     runner = Runner(sel, settings)
-    env = environment(device, runner.cache)
+    env = environment(sel.device, runner.cache)
     if args.append and Path(args.json).exists():
         res = Results.load(args.json)
-        if res.env["device_name"] != env["device_name"] or res.env["device"] != device:
-            parser.error(
+        if res.env["device_name"] != env["device_name"] or res.env["device"] != sel.device:
+            args.parser.error(
                 f"{args.json} holds results of {res.env['device_name']} "
                 f"({res.env['device']}); write this run to another file"
             )
@@ -287,44 +344,7 @@ def run_bench(args: argparse.Namespace) -> int:
         res = Results(env)
     copy = runner.measure_copy_bandwidth()
     runner.log(f"copy bandwidth: {copy['gbps']:.1f} GB/s ({copy['bytes'] >> 20} MiB moved)")
-    runner.run_index = res.add_run(
-        {
-            "started": now(),
-            "command": "python -m fastkd " + shlex.join(args.argv),
-            "selection": {
-                "device": device,
-                "losses": [b.name for b in benches],
-                "dtypes": list(sel.dtypes),
-                "modes": list(sel.modes),
-                "backends": list(sel.backends),
-                "peers": list(sel.peers),
-                "shapes": None if sel.shapes is None else [list(s) for s in sel.shapes],
-                "variants": None if sel.variants is None else list(sel.variants),
-                "quick": sel.quick,
-                "seed": sel.seed,
-            },
-            "settings": {
-                "timer": "triton.testing.do_bench: CUDA events, L2 flushed, median"
-                if device == "cuda"
-                else "time.perf_counter around each call, median; caches: "
-                + settings.cpu_cache,
-                "rep_ms": settings.rep_ms,
-                "warmup_ms": settings.warmup_ms,
-                "budget_s": settings.budget_s,
-                "rotation": f"input copies exceeding 2 x {runner.cache} bytes of cache",
-                "peak_memory": "torch.cuda.max_memory_allocated during one call minus the memory "
-                "allocated before it"
-                if device == "cuda"
-                else None,
-                "threads": torch.get_num_threads(),
-                # fastkd's own CPU outputs reuse freed blocks up to this many bytes (fastkd.memory;
-                # FASTKD_CPU_CACHE_MB=0 times them with fresh memory, as the peers get it).
-                "fastkd_cpu_block_cache_bytes": cpu_cache_info()["limit_bytes"],
-                "environment_variables": _timing_env(),
-            },
-            "copy_bandwidth": copy,
-        }
-    )
+    runner.run_index = res.add_run(_run_info(args, benches, runner, copy))
 
     def save() -> None:
         res.merge(runner.measurements, runner.skipped)

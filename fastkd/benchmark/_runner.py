@@ -1,4 +1,8 @@
-"""Runs the selected cases of each loss and records one measurement per (case, mode, impl)."""
+"""Runs the selected cases of each loss and records one measurement per (case, mode, impl).
+
+``Runner.measure`` is the one path from an implementation to a measurement, for
+``python -m fastkd bench`` (through ``Runner.run``) and the pytest-benchmark suites in ``bench/``.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +17,12 @@ import torch
 from ._core import TIMED_MODES, Case, Impl, Inputs, LossBench, Selection, Skip
 from ._timing import (
     Rotation,
+    Timing,
     cache_bytes,
     copy_bandwidth,
     peak_cuda_bytes,
     rotation_copies,
-    time_cpu_interleaved,
-    time_cuda,
+    time_rotations,
 )
 
 # Relative difference from the float32 reference above which a value is flagged: reduced-precision
@@ -43,31 +47,19 @@ class Settings:
         )
 
 
-def input_sets(
-    bench: LossBench, case: Case, device: str, mode: str, seed: int = 0, cache: int | None = None
-) -> list[Inputs]:
-    """The case's inputs for `mode` and enough copies of them to exceed twice the cache."""
-    base = bench.make_inputs(case, device, mode == "fwdbwd", seed)
-    copies = rotation_copies(base.nbytes, cache_bytes(device) if cache is None else cache)
-    return [base] + [base.clone() for _ in range(copies - 1)]
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 class Runner:
     """Times every case and calls `on_record` after each case (to save partial results)."""
 
-    def __init__(
-        self,
-        sel: Selection,
-        settings: Settings,
-        run_index: int = 0,
-        on_record: Callable[[], None] | None = None,
-        log: Callable[[str], None] | None = None,
-    ):
+    def __init__(self, sel: Selection, settings: Settings):
         self.sel = sel
         self.settings = settings
-        self.run_index = run_index
-        self.on_record = on_record or (lambda: None)
-        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.run_index = 0
+        self.on_record: Callable[[], None] = lambda: None
+        self.log: Callable[[str], None] = _log
         self.measurements: list[dict] = []
         self.skipped: list[dict] = []
         self.copy: dict | None = None
@@ -85,8 +77,6 @@ class Runner:
         return budget is not None and time.monotonic() - self.started > budget
 
     def run(self, benches: list[LossBench]) -> None:
-        if self.copy is None:
-            self.measure_copy_bandwidth()
         for bench in benches:
             for case in bench.cases(self.sel):
                 self.run_case(bench, case)
@@ -113,59 +103,21 @@ class Runner:
                     self._skip(case, mode, impl.name, "the run's time budget was spent")
                 continue
             self.log(f"{case.key} {mode}")
-            sets = None
             try:
-                sets = self._input_sets(bench, case, mode)
+                sets = self.input_sets(bench, case, mode)
             except Exception as e:
                 for impl in runnable:
                     self._skip(case, mode, impl.name, f"inputs: {_reason(e)}")
+                sets = None
             if sets is None:
                 _free(collect=True)
                 continue
             if not checked:
                 # Every mode's inputs hold the same values (same seed): one reference per case.
                 checked = True
-                failed = False
-                try:
-                    expected = bench.reference(case, sets[0])
-                except Exception as e:
-                    self.log(f"  reference failed ({_reason(e)}); values are not checked")
-                    failed = True
-                if failed:
-                    _free(collect=True)
-            if self.sel.device == "cuda":
-                for impl in runnable:
-                    if self.out_of_time():
-                        self._skip(case, mode, impl.name, "the run's time budget was spent")
-                        continue
-                    prepared = self._prepare(case, mode, impl, sets)
-                    if prepared is not None:
-                        rot, value = prepared
-                        timing = time_cuda(rot, self.settings.rep_ms, self.settings.warmup_ms)
-                        peak = peak_cuda_bytes(rot)
-                        self._keep(
-                            timed, bench, case, mode, impl, rot, value, expected, timing, peak
-                        )
-            else:
-                # All implementations of this (case, mode) timed together, round-robin.
-                ready = []
-                for impl in runnable:
-                    if self.out_of_time():
-                        self._skip(case, mode, impl.name, "the run's time budget was spent")
-                        continue
-                    prepared = self._prepare(case, mode, impl, sets)
-                    if prepared is not None:
-                        ready.append((impl, *prepared))
-                if ready:
-                    with torch.set_grad_enabled(mode == "fwdbwd"):
-                        timings = time_cpu_interleaved(
-                            [rot for _, rot, _ in ready],
-                            self.settings.rep_ms,
-                            self.settings.warmup_ms,
-                            self.settings.cpu_cache,
-                        )
-                    for (impl, rot, value), timing in zip(ready, timings, strict=True):
-                        self._keep(timed, bench, case, mode, impl, rot, value, expected, timing)
+                expected = self._reference(bench, case, sets[0])
+            for m, _ in self.measure(bench, case, mode, runnable, sets, expected):
+                timed[(mode, m["impl"])] = m
             del sets
             _free()
         if "bwd" in self.sel.modes:
@@ -174,8 +126,60 @@ class Runner:
                 if fwd is not None and both is not None:
                     self.measurements.append(self._derived_bwd(bench, case, impl, fwd, both))
 
-    def _input_sets(self, bench: LossBench, case: Case, mode: str) -> list[Inputs]:
-        return input_sets(bench, case, self.sel.device, mode, self.sel.seed, self.cache)
+    def measure(
+        self,
+        bench: LossBench,
+        case: Case,
+        mode: str,
+        impls: list[Impl],
+        sets: list[Inputs],
+        expected: float | None = None,
+    ) -> list[tuple[dict, Timing]]:
+        """Times `impls` of `case` in `mode` on the rotated input `sets` together and records each
+        as a measurement (returned with its timing); an implementation that fails to run, or that
+        the run's time budget leaves out, is recorded as skipped. `expected`: the reference value
+        the implementations' values are checked against (None: not checked)."""
+        if self.copy is None:
+            self.measure_copy_bandwidth()
+        ready = []
+        for impl in impls:
+            if self.out_of_time():
+                self._skip(case, mode, impl.name, "the run's time budget was spent")
+                continue
+            prepared = self._prepare(case, mode, impl, sets)
+            if prepared is not None:
+                ready.append((impl, *prepared))
+        if not ready:
+            return []
+        out = []
+        with torch.set_grad_enabled(mode == "fwdbwd"):
+            timings = time_rotations(
+                [rot for _, rot, _ in ready],
+                self.sel.device,
+                self.settings.rep_ms,
+                self.settings.warmup_ms,
+                self.settings.cpu_cache,
+            )
+            for (impl, rot, value), timing in zip(ready, timings, strict=True):
+                peak = peak_cuda_bytes(rot) if self.sel.device == "cuda" else None
+                m = self._keep(bench, case, mode, impl, rot, value, expected, timing, peak)
+                out.append((m, timing))
+        return out
+
+    def _reference(self, bench: LossBench, case: Case, inputs: Inputs) -> float | None:
+        try:
+            return bench.reference(case, inputs)
+        except Exception as e:
+            self.log(f"  reference failed ({_reason(e)}); values are not checked")
+        # Outside the except block, where the exception no longer holds the failed call's tensors.
+        _free(collect=True)
+        return None
+
+    def input_sets(self, bench: LossBench, case: Case, mode: str) -> list[Inputs]:
+        """The case's inputs for `mode` and enough copies of them to exceed twice the cache."""
+        base = bench.make_inputs(case, self.sel.device, mode == "fwdbwd", self.sel.seed)
+        copies = rotation_copies(base.nbytes, self.cache)
+        return [base] + [base.clone() for _ in range(copies - 1)]
 
     def _record(self, bench: LossBench, case: Case, mode: str, impl: Impl) -> dict:
         return {
@@ -223,7 +227,6 @@ class Runner:
 
     def _keep(
         self,
-        timed: dict,
         bench: LossBench,
         case: Case,
         mode: str,
@@ -231,9 +234,9 @@ class Runner:
         rot: Rotation,
         value: float,
         expected: float | None,
-        timing,
-        peak: int | None = None,
-    ) -> None:
+        timing: Timing,
+        peak: int | None,
+    ) -> dict:
         for s in rot.sets:
             for t in s.differentiable:
                 t.grad = None
@@ -258,8 +261,8 @@ class Runner:
                 f"  {impl.name}: value {value:.6g} differs from the reference "
                 f"{expected:.6g} by {rel:.2e}"
             )
-        timed[(mode, impl.name)] = m
         self.measurements.append(m)
+        return m
 
     def _derived_bwd(self, bench: LossBench, case: Case, impl: Impl, fwd: dict, both: dict) -> dict:
         m = self._record(bench, case, "bwd", impl)

@@ -1,15 +1,18 @@
-"""Timers, input-buffer rotation, peak memory and the copy-bandwidth roofline.
+"""The timer behind every benchmark figure (``time_rotations``, used by ``python -m fastkd bench``
+and the pytest-benchmark suites alike), input-buffer rotation, peak memory and the copy-bandwidth
+roofline.
 
-* CPU: median wall time (``time.perf_counter``) of single calls, repeated until a per-measurement
-  time budget is spent (at least ``MIN_REPS`` calls), after a warm-up. The implementations compared
-  in one case are timed round-robin, call by call (``time_cpu_interleaved``): on a shared or
-  virtualised CPU the speed drifts by whole factors within minutes, and interleaving gives every
-  implementation the same drift, so their ratios hold.
-* CUDA: ``triton.testing.do_bench`` (CUDA events around each call, L2 flushed between calls,
-  median), and ``torch.cuda.max_memory_allocated`` for peak memory.
+* CPU: wall time (``time.perf_counter``) of single calls, repeated until a per-measurement time
+  budget is spent (at least ``MIN_REPS`` calls), after a warm-up, each call prepared as
+  ``CACHE_STATES`` says. The implementations compared in one case are timed round-robin, call by
+  call (``time_cpu_interleaved``): on a shared or virtualised CPU the speed drifts by whole factors
+  within minutes, and interleaving gives every implementation the same drift, so their ratios hold.
+* CUDA: ``triton.testing.do_bench`` (CUDA events around each call, L2 flushed between calls), and
+  ``torch.cuda.max_memory_allocated`` for peak memory.
 * Both: the timed function cycles through enough copies of the inputs that together they exceed
   twice the last-level cache (L2 on a GPU), so a call does not find its inputs in cache just
-  because the previous call read them.
+  because the previous call read them. A measurement keeps every call's time; figures are their
+  median (and 20th/80th percentiles).
 """
 
 from __future__ import annotations
@@ -33,10 +36,25 @@ _FALLBACK_CACHE = 32 << 20
 
 @dataclass
 class Timing:
-    median_ms: float
-    p20_ms: float
-    p80_ms: float
-    reps: int | None  # None where the timer chooses the count itself (do_bench)
+    """The time of every timed call of one measurement, in ms, in the order they were taken."""
+
+    samples_ms: list[float]
+
+    @property
+    def reps(self) -> int:
+        return len(self.samples_ms)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples_ms)
+
+    @property
+    def p20_ms(self) -> float:
+        return _quantile(sorted(self.samples_ms), 0.2)
+
+    @property
+    def p80_ms(self) -> float:
+        return _quantile(sorted(self.samples_ms), 0.8)
 
 
 def cache_bytes(device: str) -> int:
@@ -95,25 +113,6 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
-def time_cpu(rot: Rotation, budget_ms: float, warmup_ms: float) -> Timing:
-    deadline = time.perf_counter() + warmup_ms / 1e3
-    calls = 0
-    while calls < 3 or time.perf_counter() < deadline:
-        rot.clear()
-        rot()
-        calls += 1
-    times: list[float] = []
-    deadline = time.perf_counter() + budget_ms / 1e3
-    while len(times) < MAX_REPS and (len(times) < MIN_REPS or time.perf_counter() < deadline):
-        rot.clear()
-        start = time.perf_counter()
-        rot()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    ms = [t * 1e3 for t in times]
-    return Timing(statistics.median(ms), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms))
 
 
 class CacheScrub:
@@ -179,24 +178,31 @@ def time_cpu_interleaved(
         for rot, acc in zip(rots, times, strict=True):
             acc.append(call(rot, True))
             spent += acc[-1]
-    out = []
-    for acc in times:
-        ms = sorted(t * 1e3 for t in acc)
-        out.append(Timing(statistics.median(ms), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms)))
-    return out
+    return [Timing([t * 1e3 for t in acc]) for acc in times]
 
 
 def time_cuda(rot: Rotation, rep_ms: float, warmup_ms: float) -> Timing:
     from triton.testing import do_bench
 
-    median, p20, p80 = do_bench(
+    times = do_bench(
         rot,
         warmup=warmup_ms,
         rep=rep_ms,
         grad_to_none=rot.all_differentiable() or None,
-        quantiles=[0.5, 0.2, 0.8],
+        return_mode="all",
     )
-    return Timing(float(median), float(p20), float(p80), None)
+    return Timing([float(t) for t in times])
+
+
+def time_rotations(
+    rots: list[Rotation], device: str, rep_ms: float, warmup_ms: float, cpu_cache: str = "steady"
+) -> list[Timing]:
+    """Times each rotation's calls (every implementation of one case and mode, or just one) with
+    this device's timer: do_bench one after the other on CUDA, round-robin on the CPU with
+    `cpu_cache` (see CACHE_STATES). `rep_ms` is the time spent timing each rotation."""
+    if device == "cuda":
+        return [time_cuda(rot, rep_ms, warmup_ms) for rot in rots]
+    return time_cpu_interleaved(rots, rep_ms, warmup_ms, cpu_cache)
 
 
 def peak_cuda_bytes(rot: Rotation) -> int:
@@ -224,7 +230,8 @@ def copy_bandwidth(device: str, nbytes: int, budget_ms: float) -> dict:
             do_bench(lambda: dst.copy_(src), warmup=25, rep=budget_ms, return_mode="median")
         )
     else:
+        # Caches scrubbed before each call, as for the losses; the buffers are far larger anyway.
         rot = Rotation(lambda: dst.copy_(src), [Inputs(())], backward=False)
-        median = time_cpu(rot, budget_ms, warmup_ms=budget_ms / 4).median_ms
+        median = time_cpu_interleaved([rot], budget_ms, budget_ms / 4, "cold")[0].median_ms
     moved = 2 * nbytes
     return {"bytes": moved, "median_ms": median, "gbps": moved / (median * 1e-3) / 1e9}
