@@ -150,3 +150,102 @@ def test_main_reports_errors_with_status_2(capsys):
     err = capsys.readouterr().err
     assert err.startswith("usage:") and "error: --data: no such directory" in err
     assert "Traceback" not in err
+
+
+# -- one definition per option -----------------------------------------------------------------
+
+def test_every_option_is_one_config_field_with_one_flag():
+    import dataclasses
+
+    from fastkd.train.config import OPTIONS, build_parser
+
+    fields = [f.name for f in dataclasses.fields(Config)]
+    assert list(OPTIONS) == fields
+    flags = {a.dest: a.option_strings for a in build_parser()._actions if a.dest != "help"}
+    assert set(flags) == set(fields)
+    for name in fields:
+        assert "--" + name.replace("_", "-") in flags[name]
+
+
+@pytest.mark.parametrize("name", ["demo", "overwrite", "compile", "channels_last", "plot",
+                                  "progress"])
+@pytest.mark.parametrize("value", [True, False])
+def test_every_boolean_from_flags_and_config_files(name, value, tmp_path):
+    flag = "--" + ("" if value else "no-") + name.replace("_", "-")
+    assert getattr(parse_args(["--method", "kd", flag]), name) is value
+    for key in (name, name.replace("_", "-")):
+        file = tmp_path / "c.yaml"
+        file.write_text(f"method: kd\n{key}: {str(value).lower()}\n")
+        assert getattr(parse_args(["--config", str(file)]), name) is value
+
+
+def test_config_file_boolean_must_be_a_boolean(tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("method: kd\nplot: 'no'\n")
+    with pytest.raises(ConfigError, match="plot in .* must be true or false, got 'no'"):
+        parse_args(["--config", str(file)])
+
+
+def test_every_option_works_from_a_config_file(tmp_path):
+    """Each option's own value, written to a file, comes back through the parser unchanged."""
+    import dataclasses
+    import json
+
+    from fastkd.train.config import OPTIONS
+
+    values = {"method": "kd", "demo_seeds": [4, 5], "demo_methods": ["kd"], "data": "d",
+              "synthetic_images": 7, "synthetic_classes": 3, "train_fraction": 0.5,
+              "image_size": 32, "teacher": "t", "student": "s", "teacher_weights": ["w"],
+              "teacher_epochs": 2, "cache_dir": "c", "epochs": 3, "batch_size": 4, "lr": 0.5,
+              "optimizer": "adamw", "momentum": 0.5, "weight_decay": 0.25,
+              "lr_schedule": "step", "lr_milestones": [1, 2], "lr_gamma": 0.5,
+              "lr_scaling": "linear", "lr_base_batch": 8, "warmup_epochs": 0.5,
+              "label_smoothing": 0.125, "seed": 9, "temperature": 2.0, "alpha": 0.5,
+              "cd_weight": 2.0, "cd_decay": 0.5, "cd_decay_every": 2, "cd_kd_start": 1,
+              "cd_ce_weight": 0.5, "cd_gkd_weight": 0.25, "dih_head_epochs": 2,
+              "dih_head_lr": 0.01, "feed_teachers": 3, "feed_beta": 10.0, "nd_block_epochs": 1,
+              "topk": 2, "device": "cpu", "amp": "bf16", "compile": True,
+              "channels_last": True, "workers": 2, "threads": 3, "loss_backend": "torch",
+              "max_steps_per_epoch": 5, "profile_steps": 1, "output": "o", "overwrite": True,
+              "resume": "r", "checkpoint_every": 4, "stop_after_steps": 6, "log_interval": 7,
+              "eval_every": 2, "plot": False, "progress": True}
+    in_file = {n for n, o in OPTIONS.items() if o.in_file and n != "demo"}
+    assert set(values) == in_file
+    file = tmp_path / "all.json"
+    file.write_text(json.dumps(values))
+    cfg = parse_args(["--config", str(file)])
+    assert {k: v for k, v in dataclasses.asdict(cfg).items() if k in values} == values
+
+
+def test_resume_checks_exactly_the_options_that_change_the_computation():
+    from fastkd.train.checkpoint import check_matches
+    from fastkd.train.config import OPTIONS, RUNTIME_FIELDS
+
+    assert RUNTIME_FIELDS == {n for n, o in OPTIONS.items() if o.runtime}
+    assert {"output", "resume", "device", "workers", "plot", "progress"} <= RUNTIME_FIELDS
+    assert not {"lr", "epochs", "method", "seed", "amp", "eval_every"} & RUNTIME_FIELDS
+    saved = Config(method="kd").to_dict()
+    check_matches(saved, Config(method="kd", output="elsewhere", workers=3).to_dict(), "c.pt")
+    with pytest.raises(CheckpointError, match="temperature: checkpoint None, now 2.0"):
+        check_matches(saved, Config(method="kd", temperature=2.0).to_dict(), "c.pt")
+
+
+def test_loss_backends_come_from_fastkd_backends():
+    import fastkd.backends
+    from fastkd.train.config import OPTIONS
+
+    assert OPTIONS["loss_backend"].choices == tuple(fastkd.backends.CHOICES)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(optimizer="rmsprop"), "--optimizer must be one of sgd, adamw, lars, lamb"),
+    (dict(demo_methods=["kd", "x"]), "--demo-methods must be one of"),
+    (dict(loss_backend="fast"), "--loss-backend must be one of"),
+    (dict(topk=0), "--topk must be a positive integer, got 0"),
+    (dict(checkpoint_every=-1), "--checkpoint-every must be >= 0, got -1"),
+    (dict(epochs=2.5), "--epochs must be an integer"),
+    (dict(momentum=float("nan")), "--momentum must be finite and >= 0"),
+])
+def test_python_configs_get_the_flags_checks(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(Config(method="kd", **kw))

@@ -459,6 +459,42 @@ def resolve(cfg: Config, *, world_size: int = 1) -> Config:
     if cfg.method is None and not cfg.demo:
         raise ConfigError("--method is required (one of " + ", ".join(METHODS) + ") or --demo")
     _check_choices(cfg)
+    _resolve_data(cfg)
+    embedded = cfg.data is None
+    cfg.epochs = cfg.epochs or (30 if embedded else 100)
+    cfg.batch_size = cfg.batch_size or (64 if embedded else 256)
+    cfg.lr = cfg.lr if cfg.lr is not None else (0.05 if embedded else 0.1)
+    cfg.weight_decay = (
+        cfg.weight_decay if cfg.weight_decay is not None else (5e-4 if embedded else 1e-4)
+    )
+    cfg.teacher_epochs = cfg.teacher_epochs or 15
+    if cfg.workers is None:
+        cfg.workers = 0 if embedded else min(8, max(1, (os.cpu_count() or 1) // world_size))
+    if cfg.output is None:
+        cfg.output = "runs/demo" if cfg.demo else f"runs/{cfg.method}-seed{cfg.seed}"
+    if cfg.cache_dir is None:
+        cfg.cache_dir = str(default_cache_dir())
+
+    _check_bounds(cfg)
+    if cfg.lr == 0:
+        raise ConfigError("--lr must be > 0")
+    if cfg.label_smoothing >= 1:
+        raise ConfigError(f"--label-smoothing must be < 1, got {cfg.label_smoothing}")
+    if cfg.batch_size % world_size != 0:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over the "
+            f"{world_size} ranks"
+        )
+    if cfg.lr_schedule == "step" and not cfg.lr_milestones:
+        raise ConfigError("--lr-schedule step needs --lr-milestones (epochs)")
+
+    if cfg.method is not None:
+        resolve_method(cfg)
+    return cfg
+
+
+def _resolve_data(cfg: Config) -> None:
+    """Checks the data and model options against each other; the built-in models on the digits."""
     embedded = cfg.data is None
     if cfg.demo and not embedded:
         raise ConfigError("--demo runs on the embedded digits; drop --data")
@@ -495,37 +531,6 @@ def resolve(cfg: Config, *, world_size: int = 1) -> Config:
             raise ConfigError(f"--teacher-weights: no such file: {path}")
     if not 0.0 < cfg.train_fraction <= 1.0:
         raise ConfigError(f"--train-fraction must be in (0, 1], got {cfg.train_fraction}")
-
-    cfg.epochs = cfg.epochs or (30 if embedded else 100)
-    cfg.batch_size = cfg.batch_size or (64 if embedded else 256)
-    cfg.lr = cfg.lr if cfg.lr is not None else (0.05 if embedded else 0.1)
-    cfg.weight_decay = (
-        cfg.weight_decay if cfg.weight_decay is not None else (5e-4 if embedded else 1e-4)
-    )
-    cfg.teacher_epochs = cfg.teacher_epochs or 15
-    if cfg.workers is None:
-        cfg.workers = 0 if embedded else min(8, max(1, (os.cpu_count() or 1) // world_size))
-    if cfg.output is None:
-        cfg.output = "runs/demo" if cfg.demo else f"runs/{cfg.method}-seed{cfg.seed}"
-    if cfg.cache_dir is None:
-        cfg.cache_dir = str(default_cache_dir())
-
-    _check_bounds(cfg)
-    if cfg.lr == 0:
-        raise ConfigError("--lr must be > 0")
-    if cfg.label_smoothing >= 1:
-        raise ConfigError(f"--label-smoothing must be < 1, got {cfg.label_smoothing}")
-    if cfg.batch_size % world_size != 0:
-        raise ConfigError(
-            f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over the "
-            f"{world_size} ranks"
-        )
-    if cfg.lr_schedule == "step" and not cfg.lr_milestones:
-        raise ConfigError("--lr-schedule step needs --lr-milestones (epochs)")
-
-    if cfg.method is not None:
-        resolve_method(cfg)
-    return cfg
 
 
 def resolve_method(cfg: Config) -> None:

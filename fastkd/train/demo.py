@@ -20,7 +20,8 @@ from typing import Any
 from ..data import IMAGE_SHAPE, NUM_CLASSES
 from . import distributed
 from .config import Config, ConfigError, resolve
-from .engine import RunResult, load_data, provide_teacher_weights, train
+from .engine import RunResult, provide_teacher_weights, train
+from .loaders import load_data
 from .metrics import table
 from .models import build_model
 from .runtime import resolve_device

@@ -36,25 +36,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from ..data import (
-    IMAGE_SHAPE,
-    NUM_CLASSES,
-    BatchedTensorDataset,
-    ResumableDistributedSampler,
-    SeededAugmentation,
-    ShardSampler,
-    SyntheticImages,
-    build_imagefolder,
-    collate_batch,
-    load_digits_split,
-)
 from . import checkpoint as ckpt
 from . import distributed, methods, teacher
 from .checkpoint import TrainState
 from .config import SYNTHETIC, Config, ConfigError, resolve
-from .metrics import MetricsLog, plot_history, table
+from .loaders import Data, Loaders, build_loaders, load_data
+from .metrics import MetricsLog, epoch_line, plot_history, profile_table, summary_table
 from .models import StagedNet, build_model, check_model_name
 from .optim import Schedule, build_optimizer, peak_lr
 from .runtime import (
@@ -93,24 +82,6 @@ class RunResult:
     train_time_s: float
     images_per_s: float
     student_path: Path | None
-
-
-@dataclass
-class Data:
-    train: Dataset
-    val: Dataset
-    num_classes: int
-    input_shape: tuple[int, int, int]
-    augmented: bool
-
-
-@dataclass
-class Loaders:
-    sampler: ResumableDistributedSampler
-    train: DataLoader
-    val: DataLoader
-    per_rank_batch: int
-    steps_per_epoch: int
 
 
 @dataclass
@@ -155,40 +126,6 @@ def train(cfg: Config, *, log: Callable[[str], None] | None = None,
     finally:
         if own_group:
             distributed.shutdown(d)
-
-
-def fit(run: Run) -> RunResult:
-    """Trains every phase of the plan, epoch by epoch, from the checkpoint if resuming."""
-    cfg, plan = run.cfg, run.plan
-    if run.d.is_main:
-        run.output.mkdir(parents=True, exist_ok=True)
-    state = TrainState(plan.modules, run.student)
-    saved = resume(run, state) if run.resume_path is not None else None
-    metrics = MetricsLog(run.output, run.d.is_main, state.history)
-    if run.d.is_main:
-        (run.output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    total_epochs = sum(p.epochs for p in plan.phases)
-    run.log(_header(run))
-    started = None
-    with run.stop:
-        while state.epoch < total_epochs:
-            index, local_epoch = _phase_of(plan, state.epoch)
-            phase = plan.phases[index]
-            if started != index:
-                module, teacher_fn = start_phase(run, state, index, saved)
-                started, saved = index, None
-            t0 = time.perf_counter()
-            row, images_per_s = train_one_epoch(run, state, phase, module, teacher_fn,
-                                                local_epoch, total_epochs)
-            if (local_epoch + 1) % cfg.eval_every == 0 or local_epoch + 1 == phase.epochs:
-                row.update(evaluate(run, phase))
-            row["epoch_time_s"] = time.perf_counter() - t0
-            row["images_per_s"] = images_per_s
-            metrics.append(row)
-            run.log(_epoch_line(row, total_epochs))
-            state.epoch, state.step, state.sums = state.epoch + 1, 0, None
-            save_checkpoint(run, state, finished=state.epoch == total_epochs)
-    return finish(run, state, metrics)
 
 
 # -- set-up ---------------------------------------------------------------------------------------
@@ -260,29 +197,6 @@ def _check_output(cfg: Config) -> Path | None:
     return None
 
 
-def load_data(cfg: Config) -> Data:
-    """The training and validation sets ``cfg`` names (embedded digits, synthetic, or a folder)."""
-    if cfg.data is None:
-        train, val = load_digits_split(cfg.train_fraction)
-        return Data(BatchedTensorDataset(train.images, train.labels),
-                    BatchedTensorDataset(val.images, val.labels), NUM_CLASSES, IMAGE_SHAPE,
-                    False)
-    if cfg.data == SYNTHETIC:
-        shape = (3, cfg.image_size, cfg.image_size)
-        return Data(
-            SyntheticImages(cfg.synthetic_images, cfg.synthetic_classes, shape, cfg.seed),
-            SyntheticImages(max(1, cfg.synthetic_images // 10), cfg.synthetic_classes, shape,
-                            cfg.seed + 1),
-            cfg.synthetic_classes, shape, False,
-        )
-    try:
-        train, val, classes = build_imagefolder(cfg.data, cfg.image_size)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return Data(SeededAugmentation(train, cfg.seed), val, len(classes),
-                (3, cfg.image_size, cfg.image_size), True)
-
-
 def provide_teacher_weights(cfg: Config, count: int, log: Callable[[str], None],
                             d: distributed.Dist) -> list[str | None]:
     """Weight files of the run's ``count`` teachers (None: random init, for throughput runs).
@@ -315,29 +229,6 @@ def provide_teacher_weights(cfg: Config, count: int, log: Callable[[str], None],
     return [str(entry.path) for entry in entries]
 
 
-def build_loaders(cfg: Config, data: Data, d: distributed.Dist, device: torch.device,
-                  per_rank: int) -> Loaders:
-    sampler = ResumableDistributedSampler(data.train, d.world_size, d.rank, cfg.seed)
-    pin = device.type == "cuda"
-    # In-memory data sets hand over whole batches (one gather instead of a per-image collate).
-    collate = collate_batch if hasattr(data.train, "__getitems__") else None
-    # Own generator: creating a loader iterator must not draw from the global RNG stream, or
-    # a resumed run would see a different stream from an uninterrupted one.
-    train_loader = DataLoader(
-        data.train, batch_size=per_rank, sampler=sampler, num_workers=cfg.workers,
-        pin_memory=pin, drop_last=True, generator=torch.Generator().manual_seed(cfg.seed),
-        collate_fn=collate,
-    )
-    val_loader = DataLoader(
-        data.val, batch_size=max(per_rank, 256),
-        sampler=ShardSampler(len(data.val), d.world_size, d.rank),
-        num_workers=cfg.workers, pin_memory=pin, collate_fn=collate,
-    )
-    full = len(sampler) // per_rank
-    return Loaders(sampler, train_loader, val_loader, per_rank,
-                   min(full, cfg.max_steps_per_epoch or full))
-
-
 def resume(run: Run, state: TrainState) -> dict[str, Any]:
     """Loads the checkpoint at ``run.resume_path`` into ``state`` and this rank's RNG states;
     returns it (its optimizer state is loaded when its phase starts)."""
@@ -361,6 +252,43 @@ def _phase_of(plan: methods.Plan, epoch: int) -> tuple[int, int]:
             return i, epoch
         epoch -= phase.epochs
     raise AssertionError("epoch beyond the plan")
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+
+def fit(run: Run) -> RunResult:
+    """Trains every phase of the plan, epoch by epoch, from the checkpoint if resuming."""
+    cfg, plan = run.cfg, run.plan
+    if run.d.is_main:
+        run.output.mkdir(parents=True, exist_ok=True)
+    state = TrainState(plan.modules, run.student)
+    saved = resume(run, state) if run.resume_path is not None else None
+    metrics = MetricsLog(run.output, run.d.is_main, state.history)
+    if run.d.is_main:
+        (run.output / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    total_epochs = sum(p.epochs for p in plan.phases)
+    run.log(_header(run))
+    started = None
+    with run.stop:
+        while state.epoch < total_epochs:
+            index, local_epoch = _phase_of(plan, state.epoch)
+            phase = plan.phases[index]
+            if started != index:
+                module, teacher_fn = start_phase(run, state, index, saved)
+                started, saved = index, None
+            t0 = time.perf_counter()
+            row, images_per_s = train_one_epoch(run, state, phase, module, teacher_fn,
+                                                local_epoch, total_epochs)
+            if (local_epoch + 1) % cfg.eval_every == 0 or local_epoch + 1 == phase.epochs:
+                row.update(evaluate(run, phase))
+            row["epoch_time_s"] = time.perf_counter() - t0
+            row["images_per_s"] = images_per_s
+            metrics.append(row)
+            run.log(epoch_line(row, total_epochs))
+            state.epoch, state.step, state.sums = state.epoch + 1, 0, None
+            save_checkpoint(run, state, finished=state.epoch == total_epochs)
+    return finish(run, state, metrics)
 
 
 def start_phase(run: Run, state: TrainState, index: int, saved: dict[str, Any] | None
@@ -391,7 +319,8 @@ def start_phase(run: Run, state: TrainState, index: int, saved: dict[str, Any] |
     teacher_fn = phase.teacher
     if cfg.compile:
         module = torch.compile(module)
-        teacher_fn = teacher_fn and torch.compile(teacher_fn)
+        if teacher_fn is not None:
+            teacher_fn = torch.compile(teacher_fn)
     return module, teacher_fn
 
 
@@ -669,10 +598,7 @@ def _report_profile(run: Run) -> None:
     report = run.profiler.report()
     if run.d.is_main:
         (run.output / "profile.json").write_text(json.dumps(report, indent=1))
-    rows = [[k, f"{report['ms_per_step'][k]:.2f}", f"{100 * report['share'][k]:.1f}"]
-            for k in Profiler.SECTIONS]
-    run.log(f"profile of {report['steps']} steps ({report['images_per_s']:.0f} images/s "
-            "with synchronisation):\n" + table(["section", "ms/step", "%"], rows))
+    run.log(profile_table(report, Profiler.SECTIONS))
 
 
 def _header(run: Run) -> str:
@@ -685,21 +611,6 @@ def _header(run: Run) -> str:
         + f" | {len(run.data.train)} train / {len(run.data.val)} val images, "
         f"{run.loaders.steps_per_epoch} steps/epoch, {run.d.world_size} rank(s) on {run.device}"
     )
-
-
-def _epoch_line(row: dict[str, Any], total_epochs: int) -> str:
-    parts = [f"epoch {row['epoch']:>3}/{total_epochs} {row['phase']:<7}",
-             f"loss {row['train_loss']:.4f}"]
-    if row.get("train_top1") is not None:
-        parts.append(f"train top1 {row['train_top1']:5.1f}%")
-    if row.get("val_top1") is not None:
-        parts.append(f"val top1 {row['val_top1']:5.1f}% (loss {row['val_loss']:.4f})")
-    heads = [f"{k[4:-5]} {v:.1f}%" for k, v in row.items()
-             if k.startswith("val_head") and k.endswith("_top1")]
-    if heads:
-        parts.append("val " + ", ".join(heads))
-    parts.append(f"{row['epoch_time_s']:.2f}s")
-    return " | ".join(parts)
 
 
 def finish(run: Run, state: TrainState, metrics: MetricsLog) -> RunResult:
@@ -720,14 +631,8 @@ def finish(run: Run, state: TrainState, metrics: MetricsLog) -> RunResult:
     ips = state.train_images / state.train_time_s if state.train_time_s else 0.0
     result = RunResult(run.output, history, final, best, _elapsed(run, state),
                        state.train_time_s, ips, student_path)
-    rows = [[cfg.method, _pct(final), _pct(best), len(history), f"{result.time_s:.1f}",
-             f"{ips:.0f}"]]
-    run.log(table(["method", "val top1 %", "best %", "epochs", "time s", "images/s"], rows))
+    run.log(summary_table(cfg.method, final, best, len(history), result.time_s, ips))
     run.log(f"wrote {run.output}/ (checkpoint.pt, student.pt, metrics.csv, metrics.json, "
             "plot.png, tb/)")
     distributed.barrier(run.d)
     return result
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"

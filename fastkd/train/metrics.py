@@ -1,4 +1,4 @@
-"""Per-epoch metrics to CSV, JSON and TensorBoard, the curves as a PNG, and text tables.
+"""Per-epoch metrics to CSV, JSON and TensorBoard, the curves as a PNG, the log's lines and tables.
 
 Only rank 0 writes. The CSV and JSON are rewritten whole after every epoch from the history the
 checkpoint carries, so a resumed run's files are exactly an uninterrupted run's.
@@ -118,3 +118,37 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), sep, *map(line, cells[1:])])
+
+
+def epoch_line(row: dict[str, Any], total_epochs: int) -> str:
+    """One metrics row as a log line."""
+    parts = [f"epoch {row['epoch']:>3}/{total_epochs} {row['phase']:<7}",
+             f"loss {row['train_loss']:.4f}"]
+    if row.get("train_top1") is not None:
+        parts.append(f"train top1 {row['train_top1']:5.1f}%")
+    if row.get("val_top1") is not None:
+        parts.append(f"val top1 {row['val_top1']:5.1f}% (loss {row['val_loss']:.4f})")
+    heads = [f"{k[4:-5]} {v:.1f}%" for k, v in row.items()
+             if k.startswith("val_head") and k.endswith("_top1")]
+    if heads:
+        parts.append("val " + ", ".join(heads))
+    parts.append(f"{row['epoch_time_s']:.2f}s")
+    return " | ".join(parts)
+
+
+def profile_table(report: dict[str, Any], sections: tuple[str, ...]) -> str:
+    rows = [[k, f"{report['ms_per_step'][k]:.2f}", f"{100 * report['share'][k]:.1f}"]
+            for k in sections]
+    return (f"profile of {report['steps']} steps ({report['images_per_s']:.0f} images/s "
+            "with synchronisation):\n" + table(["section", "ms/step", "%"], rows))
+
+
+def summary_table(method: str, final: float | None, best: float | None, epochs: int,
+                  time_s: float, images_per_s: float) -> str:
+    """The table a run ends with."""
+    rows = [[method, _pct(final), _pct(best), epochs, f"{time_s:.1f}", f"{images_per_s:.0f}"]]
+    return table(["method", "val top1 %", "best %", "epochs", "time s", "images/s"], rows)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
