@@ -1,37 +1,41 @@
 #!/usr/bin/env bash
-# One job on a GPU machine: build fastkd with its CUDA kernels, run the GPU tests, and benchmark
-# the KD loss and the feature losses on the GPU against PyTorch eager, torch.compile (default and
-# max-autotune) and Liger-Kernel, then derive the backend tables of backend="auto". Run from
+# One job on a GPU machine, in one command of at most 8 minutes: build fastkd for this GPU only,
+# run the GPU tests (KD first, then the feature losses), then the headline benchmarks against
+# PyTorch eager, torch.compile and Liger-Kernel, and write the results under $OUT. Run it from
 # anywhere inside the repository, with OUT set to an empty output folder:
 #
-#   OUT=/tmp/out FASTKD_COMMIT=$(git rev-parse HEAD) scripts/gpu_job.sh
+#   OUT=/tmp/out scripts/gpu_job.sh                        # the headline job (default plan)
+#   OUT=/tmp/out GPU_JOB_PLAN=sweep scripts/gpu_job.sh     # optional second call: broad sweeps,
+#                                                          # max-autotune, backend tuning tables
 #
-# The machine needs no internet: torch, triton, nvcc, pytest, pytest-benchmark and matplotlib are
-# expected to be installed. Wheels in .whl/ (e.g. .whl/liger_kernel-*.whl) are installed into /tmp
-# with --no-deps first; Liger-Kernel is benchmarked when it imports.
+# The machine needs no internet: torch, triton, nvcc, pytest, pytest-benchmark, hypothesis and
+# matplotlib must be installed. Untracked files that must travel with the tree: .whl/*.whl, the
+# wheels of anything the machine lacks (Liger-Kernel: `pip download --no-deps liger-kernel`), which
+# are installed into /tmp with --no-deps first; Liger-Kernel is benchmarked when it imports.
 #
-# Time: everything must end within GPU_JOB_BUDGET_S seconds (default 530, under nine minutes).
-# Each phase runs under `timeout` with the smaller of its own cap and the time left (less a
-# reserve for the final report); a benchmark phase also gets `--budget` a little below its limit,
-# so it stops starting new cases and saves its results itself. Phases, most important first:
-#   env (~5 s) | build (cap 240 s; a failed CUDA build is retried without CUDA so the Triton
-#   backend can still be measured) | wheels (cap 30 s) | tests (cap 90 s) | bench kd: plain and
-#   CE-mixed KD, fastkd vs eager vs Liger (cap 110 s) | bench features: channel attention over
-#   ResNet-50's stages at B=256 and feature regression on large maps, vs eager (cap 80 s) | bench
-#   compile: torch.compile default mode on a subset (cap 80 s) | bench guided + 3-teacher cohort
-#   (cap 60 s) | bench max-autotune on a smaller subset (cap 50 s) | tune + report (the rest).
-# GPU_JOB_PARTS (default "kd features compile extra autotune") picks the benchmark phases, so a
-# second call on a still-warm machine (the build is then incremental) can run the rest.
+# Time: everything ends within GPU_JOB_BUDGET_S seconds (default 470). Each phase runs under
+# `timeout` with the smaller of its own cap and the time left (less a reserve for the report); a
+# benchmark phase also gets `--budget` below its limit, so it stops starting new cases and saves
+# its results itself. Headline phases, most important first, with their caps:
+#   env (~5 s) | build (150 s: one SASS target, MAX_JOBS = all cores; a failed CUDA build is
+#   retried without CUDA so the Triton backend can still be tested) | wheels (20 s) |
+#   tests-kd (130 s: KD on the CUDA and Triton backends against the float64 reference, stopping
+#   at the first failure) | tests-features (60 s: feature regression, channel attention) |
+#   bench-kd (100 s: KD [256, 1000], [8192, 32000], [4096, 131072], bf16 and fp32, plain and CE,
+#   vs eager and Liger) | bench-kd-compile (60 s: the same vs torch.compile, bf16) |
+#   bench-kd-variants (30 s: guided and a 3-teacher cohort at [8192, 32000]) | bench-features
+#   (50 s: channel attention over ResNet-50's stages at B=256 bf16 channels_last, MSE and
+#   normalised L1 on [64, 256, 56, 56], vs eager and compile) | report (the rest).
 # A phase that fails or times out is reported in summary.txt and the job goes on; the exit status
 # is 0 only when every phase that ran succeeded.
 #
-# Output (7 files, flat): summary.txt (one line per phase), gpu_job.log (machine, versions, date,
-# commit, build output, progress), tests.log, bench.json (every measurement, all phases),
-# bench.txt (the tables), bench.png (GB/s per case against the copy bandwidth), tuning.tar (the
-# fastkd/tuning/*.json tables `python -m fastkd tune` derived from bench.json).
+# Output (at most 7 files, flat): summary.txt (one line per phase), gpu_job.log (machine,
+# versions, date, commit, build output, progress), tests.log, bench.json (every measurement),
+# bench.txt (the tables), bench.png (GB/s per case against the copy bandwidth), and with
+# GPU_JOB_PLAN=sweep tuning.tar (the tables `python -m fastkd tune` derives from bench.json).
 #
-# GPU_JOB_DRY_RUN=1 runs the same phases on the CPU with tiny shapes and without the build (for
-# checking the script itself on a machine without a GPU; PYTHON selects the interpreter).
+# GPU_JOB_DRY_RUN=1 runs the same phases on the CPU with tiny shapes, eager peers only and
+# without the build (CI runs it, so the script cannot rot; PYTHON selects the interpreter).
 
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -39,13 +43,13 @@ cd "$(dirname "$0")/.." || exit 1
 mkdir -p "$OUT"
 
 PY=${PYTHON:-python3}
-TOTAL=${GPU_JOB_BUDGET_S:-530}
+TOTAL=${GPU_JOB_BUDGET_S:-470}
 RESERVE=20
 DRY=${GPU_JOB_DRY_RUN:-0}
 START=$SECONDS
 LOG=$OUT/gpu_job.log
 SUMMARY=$OUT/summary.txt
-PARTS=" ${GPU_JOB_PARTS:-kd features compile extra autotune} "
+PLAN=${GPU_JOB_PLAN:-headline}
 JSON=$OUT/bench.json
 TABLE=$OUT/bench.txt
 PNG=$OUT/bench.png
@@ -96,23 +100,24 @@ bench() {
 }
 
 if [[ $DRY == 1 ]]; then
-    CORE_SHAPES=(16x100 32x1000)
-    COMPILE_SHAPES=(16x100)
-    AUTOTUNE_SHAPES=(16x100)
+    KD_SHAPES=(16x100 8x1000)
+    KD_ONE_SHAPE=(8x1000)
+    SWEEP_SHAPES=(16x100)
     STAGE_SHAPES=(4x16x16x16)
     MAP_SHAPES=(4x32x16x16)
     COMMON=(--device cpu --quick --threads 1 --json "$JSON" --append --backend torch)
+    COMPILE_PEER=eager # torch.compile on the CPU would take minutes for nothing the GPU needs
 else
-    # The GPU issue's KD shapes: C in {100, 1000, 32000, 128256, 262144} at 8192 rows, and 65536
-    # rows for C=1000 (ImageNet-sized batches of a large data-parallel job).
-    CORE_SHAPES=(8192x100 8192x1000 65536x1000 8192x32000 8192x128256 8192x262144)
-    COMPILE_SHAPES=(8192x1000 8192x32000 8192x128256)
-    AUTOTUNE_SHAPES=(8192x32000 8192x128256)
-    # ResNet-50's four stages at B=256 ([256, 256, 56, 56] ... [256, 2048, 7, 7]); large maps.
+    KD_SHAPES=(256x1000 8192x32000 4096x131072)
+    KD_ONE_SHAPE=(8192x32000)
+    # The broad sweep: C in {100, 1000, 32000, 128256, 262144}, and 65536 rows at C=1000.
+    SWEEP_SHAPES=(8192x100 8192x1000 65536x1000 8192x32000 8192x128256 8192x262144)
+    # ResNet-50's four stages at B=256 ([256, 256, 56, 56] ... [256, 2048, 7, 7]); a large map.
     STAGE_SHAPES=(256x256x56x56)
-    MAP_SHAPES=(64x256x56x56 256x256x56x56)
+    MAP_SHAPES=(64x256x56x56)
     COMMON=(--device cuda --rep-ms 50 --warmup-ms 10 --json "$JSON" --append
         --backend cuda triton)
+    COMPILE_PEER=compile
 fi
 
 # --- env -------------------------------------------------------------------------------------
@@ -195,53 +200,52 @@ else
     printf '%-24s skipped: not importable\n' liger >>"$SUMMARY"
 fi
 
-# --- tests -----------------------------------------------------------------------------------
-if [[ $DRY == 1 ]]; then
-    TESTS="'$PY' -P -m pytest -q -p no:cacheprovider tests/test_bench.py"
-else
-    # The tests marked cuda, then the Triton and CUDA backend tests that carry no marker.
-    # pytest's exit 5 (nothing selected) is not a failure here.
-    TESTS="'$PY' -P -m pytest -q -p no:cacheprovider -m cuda tests; a=\$?; \
-'$PY' -P -m pytest -q -p no:cacheprovider -m 'not cuda' -k 'triton or cuda' tests; b=\$?; \
-for r in \$a \$b; do [ \$r = 0 ] || [ \$r = 5 ] || exit \$r; done"
+# --- tests: KD first (both GPU backends against the float64 reference), then the feature losses --
+# -x stops a phase at its first failure; pytest's exit 5 (nothing selected) is not a failure.
+pytest_phase() {
+    local name=$1 cap=$2
+    shift 2
+    phase "$name" "$cap" "$OUT/tests.log" "$OUT/tests.log" bash -c \
+        '"$0" -P -m pytest -x -q -p no:cacheprovider "$@"; r=$?; [ $r = 5 ] && r=0; exit $r' \
+        "$PY" "$@"
+}
+if [[ $PLAN == headline ]]; then
+    pytest_phase tests-kd 130 -m cuda tests/test_kd_loss_cuda.py
+    pytest_phase tests-features 60 -m cuda tests/test_feature_regression.py \
+        tests/test_channel_attention.py
 fi
-phase tests 90 "$OUT/tests.log" "$OUT/tests.log" bash -c "$TESTS"
 
 # --- benchmarks ------------------------------------------------------------------------------
-part() { [[ $PARTS == *" $1 "* ]]; }
-if part kd; then
-    bench bench-kd 110 --loss kd_loss --shapes "${CORE_SHAPES[@]}" --dtype bf16 fp32 \
-        --variants plain ce --mode fwd fwdbwd --peers "${PEERS[@]}"
-fi
-if part features; then
-    bench bench-features 80 --loss channel_attention --shapes "${STAGE_SHAPES[@]}" \
-        --dtype bf16 fp32 --variants stages-cl stages --mode fwd fwdbwd --peers eager
-    bench bench-features-reg 60 --loss feature_regression --shapes "${MAP_SHAPES[@]}" \
-        --dtype bf16 fp32 --variants mse mse-cl feed feed-cl --mode fwd fwdbwd --peers eager
-fi
-if part compile; then
-    bench bench-compile 80 --loss kd_loss --shapes "${COMPILE_SHAPES[@]}" --dtype bf16 \
-        --variants plain ce --mode fwd fwdbwd --peers compile
-    bench bench-compile-features 50 --loss channel_attention feature_regression \
-        --shapes "${STAGE_SHAPES[@]}" --dtype bf16 --variants stages-cl mse-cl feed-cl \
-        --mode fwdbwd --peers compile
-fi
-if part extra; then
-    bench bench-guided-cohort 60 --loss kd_loss --shapes "${CORE_SHAPES[@]}" --dtype bf16 fp32 \
-        --variants guided cohort3 --mode fwd fwdbwd --peers "${PEERS[@]}"
-fi
-if part autotune; then
-    bench bench-max-autotune 50 --loss kd_loss --shapes "${AUTOTUNE_SHAPES[@]}" --dtype bf16 \
-        --variants plain --mode fwdbwd --peers compile-max-autotune
-fi
-
-# --- tuning tables for backend="auto" ----------------------------------------------------------
-if [[ -f $JSON && $DRY == 0 ]]; then
-    TUNED=/tmp/fastkd-tuning
-    rm -rf "$TUNED"
-    if phase tune 30 "$LOG" "$LOG" "$PY" -P -m fastkd tune "$JSON" --out "$TUNED/tuning"; then
-        tar -C "$TUNED" -cf "$OUT/tuning.tar" tuning
+if [[ $PLAN == headline ]]; then
+    bench bench-kd 100 --loss kd_loss --shapes "${KD_SHAPES[@]}" --dtype bf16 fp32 \
+        --variants plain ce --mode fwdbwd fwd --peers "${PEERS[@]}"
+    bench bench-kd-compile 60 --loss kd_loss --shapes "${KD_SHAPES[@]}" --dtype bf16 \
+        --variants plain ce --mode fwdbwd --peers "$COMPILE_PEER"
+    bench bench-kd-variants 30 --loss kd_loss --shapes "${KD_ONE_SHAPE[@]}" --dtype bf16 \
+        --variants guided cohort3 --mode fwdbwd --peers "${PEERS[@]}"
+    bench bench-features 50 --loss channel_attention feature_regression \
+        --shapes "${STAGE_SHAPES[@]}" "${MAP_SHAPES[@]}" --dtype bf16 \
+        --variants stages-cl mse feed --mode fwdbwd --peers eager "$COMPILE_PEER"
+elif [[ $PLAN == sweep ]]; then
+    bench bench-sweep 200 --loss kd_loss --shapes "${SWEEP_SHAPES[@]}" --dtype bf16 fp32 \
+        --variants plain ce guided cohort3 --mode fwd fwdbwd --peers "${PEERS[@]}"
+    bench bench-sweep-features 80 --loss channel_attention feature_regression \
+        --shapes "${STAGE_SHAPES[@]}" "${MAP_SHAPES[@]}" --dtype bf16 fp32 \
+        --variants stages stages-cl mse mse-cl feed feed-cl --mode fwd fwdbwd --peers eager
+    if [[ $DRY == 0 ]]; then
+        bench bench-max-autotune 60 --loss kd_loss --shapes "${KD_ONE_SHAPE[@]}" --dtype bf16 \
+            --variants plain --mode fwdbwd --peers compile-max-autotune
     fi
+    if [[ -f $JSON ]]; then
+        TUNED=/tmp/fastkd-tuning
+        rm -rf "$TUNED"
+        if phase tune 30 "$LOG" "$LOG" "$PY" -P -m fastkd tune "$JSON" --out "$TUNED/tuning"; then
+            tar -C "$TUNED" -cf "$OUT/tuning.tar" tuning
+        fi
+    fi
+else
+    log "GPU_JOB_PLAN must be headline or sweep, got $PLAN"
+    exit 2
 fi
 
 # --- report ----------------------------------------------------------------------------------

@@ -1,0 +1,46 @@
+"""scripts/gpu_job.sh, the one-command GPU job, checked on the CPU so that it cannot rot.
+
+The dry run (GPU_JOB_DRY_RUN=1) goes through every phase of the headline plan -- the GPU test
+selections (which skip here), every benchmark command with tiny shapes, the report -- without the
+build. The job's time plan is checked against the 8 minutes one command may take on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_job.sh"
+ONE_COMMAND_S = 480
+MAX_FILES = 8
+
+
+def test_the_budget_fits_one_command():
+    text = SCRIPT.read_text()
+    budget = int(re.search(r"TOTAL=\$\{GPU_JOB_BUDGET_S:-(\d+)\}", text).group(1))
+    assert budget <= ONE_COMMAND_S - 10, budget  # margin for the final report and tear-down
+
+
+def test_dry_run_completes_every_phase(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_JOB_DRY_RUN": "1", "OUT": str(out), "PYTHON": sys.executable}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    run = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    summary = (out / "summary.txt").read_text()
+    assert run.returncode == 0, summary + run.stdout[-3000:] + run.stderr[-3000:]
+    phases = dict(line.split(None, 1) for line in summary.splitlines())
+    for name in ("env", "tests-kd", "tests-features", "bench-kd", "bench-kd-compile",
+                 "bench-kd-variants", "bench-features", "report"):
+        assert phases.get(name, "").startswith("ok"), (name, summary)
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= MAX_FILES, files
+    assert {"summary.txt", "gpu_job.log", "tests.log", "bench.json", "bench.txt",
+            "bench.png"} <= set(files), files
+    results = json.loads((out / "bench.json").read_text())
+    losses = {m["loss"] for m in results["measurements"]}
+    assert {"kd_loss", "channel_attention", "feature_regression"} <= losses, losses
