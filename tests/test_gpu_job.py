@@ -34,7 +34,7 @@ def test_dry_run_completes_every_phase(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert run.returncode == 0, summary + run.stdout[-3000:] + run.stderr[-3000:]
     phases = dict(line.split(None, 1) for line in summary.splitlines())
-    for name in ("env", "tests-kd", "tests-features", "bench-kd", "bench-kd-compile",
+    for name in ("env", "import", "tests-kd", "tests-features", "bench-kd", "bench-kd-compile",
                  "bench-kd-variants", "bench-features", "report"):
         assert phases.get(name, "").startswith("ok"), (name, summary)
     files = sorted(p.name for p in out.iterdir())
