@@ -376,6 +376,25 @@ def test_out_of_range_label_gives_nan_row(classes):
     )
 
 
+@pytest.mark.parametrize("backend_or_torch", ("cuda", "triton", "torch"))
+@pytest.mark.parametrize(
+    "kw", [dict(alpha=0.5), dict(guided=True), dict(guided=True, reduction="none")], ids=str
+)
+def test_out_of_range_label_makes_the_loss_nan(backend_or_torch, kw):
+    """A label outside [0, C) cannot raise on a GPU without a sync: the whole loss is NaN, with
+    every option (guided KD alone would otherwise just count the row as a teacher miss)."""
+    if backend_or_torch == "cuda" and not WITH_CUDA_KERNELS:
+        pytest.skip(NO_CUDA_KERNELS)
+    s, ts = _logits(4, 100, torch.float32, seed=28)
+    y = ts[0].argmax(-1)
+    y[2] = 100
+    loss = fastkd.kd_loss(s, ts, y, temperature=2.0, backend=backend_or_torch, **kw)
+    assert torch.isnan(loss).all(), loss
+    y[2] = -100
+    loss = fastkd.kd_loss(s, ts, y, temperature=2.0, backend=backend_or_torch, **kw)
+    assert torch.isfinite(loss).all(), loss
+
+
 @pytest.mark.parametrize("classes", (1000, 32000))
 def test_without_grad_writes_no_gradient(backend, classes):
     s, ts = _logits(5, classes, torch.bfloat16, seed=19)

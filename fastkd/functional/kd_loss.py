@@ -67,7 +67,9 @@ def kd_loss(
         teacher_logits: a tensor of the student's shape, or a list/tuple of them (a cohort,
             e.g. DIH's intermediate heads plus the teacher), any float dtype. Never differentiated.
         labels: integer class indices of shape ``student_logits.shape[:-1]``; needed for
-            ``alpha``, ``guided`` and ``ignore_index``.
+            ``alpha``, ``guided`` and ``ignore_index``. A label outside ``[0, C)`` other than
+            ``ignore_index`` raises on the CPU; on a GPU, where raising would need a host sync,
+            it makes the whole loss NaN (every row with ``reduction="none"``).
         temperature: ``T > 0``.
         alpha: weight of the KD term; ``1 - alpha`` weighs cross-entropy at ``T = 1``.
             ``None``: KD alone.
@@ -151,11 +153,12 @@ def _kd_loss(
     if chosen == "torch":
         from ..reference import kd_loss_ref
 
-        return kd_loss_ref(
+        loss = kd_loss_ref(
             student, teachers, labels, temperature=temperature, alpha=alpha,
             label_smoothing=label_smoothing, guided=guided, ignore_index=ignore_index,
             teacher_weights=weights, reduction=reduction,
         )
+        return _nan_if_labels_out_of_range(loss, labels, student.shape[-1], ignore_index)
 
     s3 = as_rows3d(student)
     # Detached: the teacher is never differentiated, and a teacher that requires grad must not
@@ -179,8 +182,21 @@ def _kd_loss(
     else:
         loss, _ = fwd(s3, *args, False)
     if reduction == "none":
-        return loss.view(student.shape[:-1])
-    return loss
+        loss = loss.view(student.shape[:-1])
+    return _nan_if_labels_out_of_range(loss, labels, student.shape[-1], ignore_index)
+
+
+def _nan_if_labels_out_of_range(
+    loss: torch.Tensor, labels: torch.Tensor | None, classes: int, ignore_index: int
+) -> torch.Tensor:
+    """On a GPU, a label outside [0, C) that is not ignore_index cannot raise without a host
+    sync: it turns the whole loss NaN (every row with reduction="none"), with every option, so a
+    training loop's NaN check stops on it. The CPU backends raise instead (the check is free
+    there). A few element-wise ops over the labels, on the device, no sync."""
+    if labels is None or labels.device.type == "cpu":
+        return loss
+    bad = ((labels != ignore_index) & ((labels < 0) | (labels >= classes))).any()
+    return loss + torch.where(bad, float("nan"), 0.0)
 
 
 def _check_tensors(student, teacher_logits, labels, alpha, guided):
