@@ -44,6 +44,25 @@ struct KDLossArgs {
   double temperature = 1.0;
   double label_smoothing = 0.0;
   int64_t ignore_index = -100;
+  // Sparse teachers (fastkd.SparseTeacher, normalised by the Python layer), after the dense ones:
+  // teacher num_teachers + j of kd_coef / kd_row_weights is the dense logit vector d of C classes
+  // with d[ids[b, i]] = values[b, i] for i < sparse_k[j] and d[c] = tails[b] for every other class,
+  // all at temperature 1 (log-probabilities or logits; -inf means probability 0). Its KL term and
+  // gradient are the dense ones of d, computed from the k entries, the tail constant and the
+  // student row's statistics, without materialising d:
+  //   Z = sum_i e_i + (C - k) e_tail,  e = exp((d - m_d) / T),  m_d = max(max_i values, tail)
+  //   KL = [sum_i p_i (v_i - s[id_i]) + p_tail sum_{c not in ids} (tail - s_c)] / T
+  //        + lse(s / T) - lse(d / T),   p = e / Z
+  //   grad: w (q - p_tail) on every class, plus w (p_tail - p_i) at ids[i].
+  // The sum over the classes outside ids is taken as the whole row's sum minus the k gathered
+  // entries, both relative to the student's maximum. Ids are distinct per row (duplicates are
+  // invalid input); an id outside [0, C) raises on the CPU and, on a GPU, makes the row's loss NaN
+  // and drops that teacher's corrections on the row (like an out-of-range label).
+  int num_sparse = 0;
+  const int32_t* sparse_ids[kMaxTeachers] = {};  // [rows, k_j], contiguous
+  const void* sparse_values[kMaxTeachers] = {};  // [rows, k_j], contiguous, float32 (float64)
+  const void* sparse_tails[kMaxTeachers] = {};   // [rows], float32 (float64 for float64 logits)
+  int64_t sparse_k[kMaxTeachers] = {};
   void* row_loss = nullptr;  // [rows], float32 (float64 for float64 inputs)
   void* grad = nullptr;      // contiguous [rows, cols] in the student's dtype, or nullptr
 };

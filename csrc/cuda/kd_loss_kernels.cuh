@@ -114,13 +114,14 @@ __device__ __forceinline__ float cross_entropy(float m_s, float log_z1, float s_
 
 // The weights of one row, read by every thread of the row (the same addresses: one transaction).
 struct RowPlan {
-  unsigned active = 0;  // bit k: teacher k has a nonzero weight on this row
-  float w_sum = 0.0f;   // sum_k w_k
+  unsigned active = 0;  // bit k: dense teacher k has a nonzero weight on this row
+  unsigned sparse = 0;  // bit j: sparse teacher j (teacher num_teachers + j) likewise
+  float w_sum = 0.0f;   // sum_k w_k over dense and sparse teachers
   float v = 0.0f;       // CE weight of the loss
   float v_g = 0.0f;     // CE weight of the gradient: v, or 0 when the label is out of range
   int64_t y = -1;       // the label's column when the CE term is on and the label is in range
 
-  __device__ bool skip() const { return active == 0 && v == 0.0f; }
+  __device__ bool skip() const { return active == 0 && sparse == 0 && v == 0.0f; }
   __device__ bool bad_label() const { return v != 0.0f && y < 0; }
 };
 
@@ -136,6 +137,11 @@ __device__ __forceinline__ RowPlan plan_row(const KDLossArgs& a, int64_t row) {
     const float w = teacher_weight(a, k, row);
     p.w_sum += w;
     if (w != 0.0f) p.active |= 1u << k;
+  }
+  for (int j = 0; j < a.num_sparse; ++j) {
+    const float w = teacher_weight(a, a.num_teachers + j, row);
+    p.w_sum += w;
+    if (w != 0.0f) p.sparse |= 1u << j;
   }
   if (a.ce_coef != 0.0) {
     p.v = static_cast<float>(a.ce_coef);
@@ -229,6 +235,88 @@ class RowGroup {
   int parity_ = 0;
 };
 
+// ---- Sparse teachers (see csrc/kd_loss.h) ------------------------------------------------------
+//
+// A sparse teacher's k entries are shared out among the threads of the row (entry i to thread
+// i % threads); its statistics then come from two all-reductions. Each thread of the row ends with
+// the same SparseRow, which the gradient sweep (the tail probability, a per-row constant) and the
+// fix-up of the k entries afterwards use.
+
+struct SparseRow {
+  float m;       // reference point of d: max(max values, tail), or 0 when not finite
+  float inv_z;   // 1 / sum_c exp((d_c - m) / T)
+  float p_tail;  // probability of each class outside the ids
+  float w;       // the teacher's weight on the row
+};
+
+// Teacher num_teachers + j's term of the row's loss (w T KL(p || q)); fills `r`. `s_rel` is
+// sum_c (s_c - m_s) over the row. `bad` is set when an id lies outside [0, C).
+template <typename S, typename Group>
+__device__ float sparse_teacher_loss(const KDLossArgs& a, int j, int64_t row, const S* s_row,
+                                     float m_s, float log_zs, float s_rel, float w, float T,
+                                     float inv_T, int lane, int threads, Group& group,
+                                     SparseRow& r, bool& bad) {
+  const int C = static_cast<int>(a.cols);
+  const int64_t k = a.sparse_k[j];
+  const int32_t* ids = a.sparse_ids[j] + row * k;
+  const float* vals = static_cast<const float*>(a.sparse_values[j]) + row * k;
+  const float tail = static_cast<const float*>(a.sparse_tails[j])[row];
+  float mb[2] = {neg_inf(), 0.0f};  // max of the values, and whether an id is out of range
+  for (int64_t i = lane; i < k; i += threads) {
+    mb[0] = fmaxf(mb[0], vals[i]);
+    if (ids[i] < 0 || ids[i] >= C) mb[1] = 1.0f;
+  }
+  group.max(mb);
+  bad = bad || mb[1] != 0.0f;
+  const float m = finite_or_zero(fmaxf(mb[0], tail));
+  // KL = sum_c p_c ((d_c - m) - (s_c - m_s)) / T + log z_s - log z: the maxima's own terms,
+  // (m - m_s) (sum_c p_c - 1) / T, vanish exactly, so no difference of large numbers is formed
+  // even when the student's logits and d sit at different offsets.
+  // acc: sum e_i, sum e_i ((v_i - m) - (s[id_i] - m_s)) / T (0 where e_i = 0, even if s is -inf),
+  // sum (s[id_i] - m_s).
+  float acc[3] = {0.0f, 0.0f, 0.0f};
+  for (int64_t i = lane; i < k; i += threads) {
+    const int id = ids[i];
+    const float x = id >= 0 && id < C ? static_cast<float>(s_row[id]) - m_s : 0.0f;
+    const float v = vals[i] - m;
+    const float e = __expf(v * inv_T);
+    acc[0] += e;
+    acc[1] += e > 0.0f ? e * ((v - x) * inv_T) : 0.0f;
+    acc[2] += x;
+  }
+  group.sum(acc);
+  // The C - k classes outside the ids share the tail: their cross term is
+  // e_tail sum_{c not in ids} ((tail - m) - (s_c - m_s)) / T, the sum of s_c - m_s taken as the
+  // row's minus the ids'.
+  const float n_tail = static_cast<float>(C - k);
+  const float e_tail = n_tail > 0.0f ? __expf((tail - m) * inv_T) : 0.0f;
+  const float z = acc[0] + n_tail * e_tail;
+  float cross = acc[1];
+  if (e_tail > 0.0f) cross += e_tail * ((n_tail * (tail - m) - (s_rel - acc[2])) * inv_T);
+  r.m = m;
+  r.inv_z = 1.0f / z;
+  r.p_tail = e_tail * r.inv_z;
+  r.w = w;
+  return w * T * (cross * r.inv_z + (log_zs - __logf(z)));
+}
+
+// After the gradient sweep wrote w (q - p_tail) for this teacher everywhere: adds
+// w (p_tail - p_i) at its ids (in-range ones), each entry read, corrected in float32 and stored.
+template <typename S>
+__device__ void sparse_teacher_fixup(const KDLossArgs& a, int j, int64_t row, const SparseRow& r,
+                                     float inv_T, S* g_row, int lane, int threads) {
+  const int C = static_cast<int>(a.cols);
+  const int64_t k = a.sparse_k[j];
+  const int32_t* ids = a.sparse_ids[j] + row * k;
+  const float* vals = static_cast<const float*>(a.sparse_values[j]) + row * k;
+  for (int64_t i = lane; i < k; i += threads) {
+    const int id = ids[i];
+    if (id < 0 || id >= C) continue;
+    const float p = __expf((vals[i] - r.m) * inv_T) * r.inv_z;
+    g_row[id] = static_cast<S>(static_cast<float>(g_row[id]) + r.w * (r.p_tail - p));
+  }
+}
+
 // ---- Resident kernel: a row in registers --------------------------------------------------------
 //
 // `tpr` threads (a power of two, 32 to kResidentMaxThreads) hold one row: thread `lane` holds the
@@ -254,13 +342,16 @@ template <typename S, typename Tt, int VEC, bool MULTI>
 __global__ void __launch_bounds__(kResidentMaxThreads)
     kd_loss_resident_kernel(const __grid_constant__ KDLossArgs a, int tpr) {
   constexpr int CH = kResidentElems / VEC;
-  using Group = RowGroup<kResidentMaxThreads / 32, 3>;
+  using Group = RowGroup<kResidentMaxThreads / 32, 4>;
   __shared__ float smem[Group::kSmemFloats];
+  // Each row's sparse-teacher statistics, for the fix-up after its gradient sweep.
+  __shared__ SparseRow sparse_rows[kWarpRowsPerBlock][kMaxTeachers];
   Group group(tpr, smem);
 
   const int C = static_cast<int>(a.cols);
   const int lane = threadIdx.x % tpr;
   const int rows_per_block = blockDim.x / tpr;
+  const int slot = threadIdx.x / tpr;
   // Chunks that hold any of the row's columns; later ones are skipped (all threads alike).
   const int nch = min(CH, (C + tpr * VEC - 1) / (tpr * VEC));
   const float T = static_cast<float>(a.temperature);
@@ -288,7 +379,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
     }
 
     // Student: exact max, then sum exp((s - m) / T), sum exp(s - m) for CE at T != 1, sum s for
-    // label smoothing.
+    // label smoothing, sum (s - m) for sparse teachers.
     const S* s_row = student_row<S>(a, row);
     float s[CH][VEC];
     load_resident(s_row, s, nch, tpr, lane, C);
@@ -303,7 +394,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
     const float m_s = finite_or_zero(group.max(mx));
     const bool need_e1 = p.v != 0.0f && !unit_T;
     const bool need_sum = p.v != 0.0f && eps != 0.0f;
-    float st[3] = {0.0f, 0.0f, 0.0f};
+    const bool need_rel = p.sparse != 0;
+    float st[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int j = 0; j < CH; ++j) {
       if (j < nch) {
@@ -314,11 +406,12 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
           st[0] += __expf((x - m_s) * inv_T);
           if (need_e1) st[1] += __expf(x - m_s);
           if (need_sum && valid) st[2] += x;
+          if (need_rel && valid) st[3] += x - m_s;
         }
       }
     }
     group.sum(st);
-    const float z_s = st[0], z_1 = st[1], sum_s = st[2];
+    const float z_s = st[0], z_1 = st[1], sum_s = st[2], s_rel = st[3];
     const float log_zs = __logf(z_s);
 
     // Teachers with a nonzero weight, one at a time: exact max, then the normaliser and the cross
@@ -379,6 +472,19 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
       }
     }
 
+    // Sparse teachers: their tail probability joins the gradient's per-row constant.
+    float c_tail = 0.0f;
+    bool bad_id = false;
+    for (unsigned bits = p.sparse; bits != 0; bits &= bits - 1) {
+      const int j = __ffs(bits) - 1;
+      SparseRow r;
+      loss += sparse_teacher_loss(a, j, row, s_row, m_s, log_zs, s_rel,
+                                  teacher_weight(a, a.num_teachers + j, row), T, inv_T, lane, tpr,
+                                  group, r, bad_id);
+      c_tail += r.w * r.p_tail;
+      if (lane == 0) sparse_rows[slot][j] = r;
+    }
+
     if (p.v != 0.0f) {
       if (p.bad_label()) {
         loss = quiet_nan();
@@ -387,6 +493,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
                                     static_cast<float>(s_row[p.y]), sum_s, eps, C);
       }
     }
+    if (bad_id) loss = quiet_nan();
     if (lane == 0) row_loss[row] = loss;
 
     if (g_row != nullptr) {
@@ -395,7 +502,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
       const bool use_e1 = p.v_g != 0.0f && !unit_T;
       const float c_q = p.w_sum / z_s + (p.v_g != 0.0f && unit_T ? p.v_g / z_s : 0.0f);
       const float c_1 = use_e1 ? p.v_g / z_1 : 0.0f;
-      const float c_off = p.v_g * eps / static_cast<float>(C);
+      const float c_off = p.v_g * eps / static_cast<float>(C) + c_tail;
       const float c_y = p.v_g * (1.0f - eps);
 #pragma unroll
       for (int j = 0; j < CH; ++j) {
@@ -418,6 +525,16 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
           store_as<VEC>(g_row + col, out);
         }
       }
+      // The sparse teachers' ids, one teacher at a time (their ids may overlap), after the row's
+      // stores: a warp's own barrier when a warp holds the row (the block's warps hold different
+      // rows and may run different numbers of rows), the block's otherwise.
+      for (unsigned bits = p.sparse; bits != 0; bits &= bits - 1) {
+        tpr == 32 ? __syncwarp() : __syncthreads();
+        const int j = __ffs(bits) - 1;
+        sparse_teacher_fixup(a, j, row, sparse_rows[slot][j], inv_T, g_row, lane, tpr);
+      }
+      // No thread of the row reads sparse_rows any more when the next row overwrites it.
+      if (p.sparse != 0) tpr == 32 ? __syncwarp() : __syncthreads();
     }
   }
 }
@@ -432,6 +549,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
 // Running sums of one thread relative to its running maximum m of the raw logits.
 struct StudentRun {
   float m, z, z1, sum;  // z: sum exp((s - m) / T); z1: sum exp(s - m); sum: sum s
+  float rel, n;         // sum (s - ref) over n classes, ref = finite_or_zero(m) (sparse teachers)
 };
 struct TeacherRun {
   float m, z, cross;  // z: sum exp((t - m) / T); cross: sum exp((t - m) / T) (t - s) / T
@@ -472,7 +590,7 @@ __device__ __forceinline__ void load_step(const T* row, int base, int nvec, floa
 // may be null) running sums and cross term.
 template <int U, int VEC, typename S, typename Tt>
 __device__ void stream_stats(const S* s_row, const Tt* t_row, bool student, bool need_e1,
-                             bool need_sum, int nvec, float inv_T, StudentRun& sr,
+                             bool need_sum, bool need_rel, int nvec, float inv_T, StudentRun& sr,
                              TeacherRun& tr) {
   for (int base = threadIdx.x; base < nvec; base += U * kStreamThreads) {
     float xs[U][VEC];
@@ -484,6 +602,7 @@ __device__ void stream_stats(const S* s_row, const Tt* t_row, bool student, bool
       const float ref = finite_or_zero(m_new);
       sr.z *= rescale(sr.m, m_new, inv_T);
       if (need_e1) sr.z1 *= rescale(sr.m, m_new, 1.0f);
+      if (need_rel) sr.rel += sr.n * (finite_or_zero(sr.m) - ref);
       sr.m = m_new;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
@@ -494,6 +613,10 @@ __device__ void stream_stats(const S* s_row, const Tt* t_row, bool student, bool
           sr.z += __expf((x - ref) * inv_T);
           if (need_e1) sr.z1 += __expf(x - ref);
           if (need_sum && valid) sr.sum += x;
+          if (need_rel && valid) {
+            sr.rel += x - ref;
+            sr.n += 1.0f;
+          }
         }
       }
     }
@@ -523,12 +646,14 @@ template <typename S, typename Tt, int VEC>
 __global__ void __launch_bounds__(kStreamThreads)
     kd_loss_stream_kernel(const __grid_constant__ KDLossArgs a) {
   constexpr int U = kStreamElems / VEC;
-  using Group = RowGroup<kStreamThreads / 32, 5>;
+  using Group = RowGroup<kStreamThreads / 32, 6>;
   __shared__ float smem[Group::kSmemFloats];
   // Per active teacher, for the gradient sweep: w_k / z_k, the max of t_k, the row pointer.
   __shared__ float t_coef[kMaxTeachers];
   __shared__ float t_ref[kMaxTeachers];
   __shared__ const Tt* t_ptr[kMaxTeachers];
+  // Per active sparse teacher, for the fix-up after the gradient sweep.
+  __shared__ SparseRow sparse_rows[kMaxTeachers];
   Group group(kStreamThreads, smem);
 
   const int C = static_cast<int>(a.cols);
@@ -557,7 +682,8 @@ __global__ void __launch_bounds__(kStreamThreads)
     const S* s_row = student_row<S>(a, row);
     const bool need_e1 = p.v != 0.0f && !unit_T;
     const bool need_sum = p.v != 0.0f && eps != 0.0f;
-    float z_s = 0.0f, z_1 = 0.0f, sum_s = 0.0f, m_s = 0.0f;
+    const bool need_rel = p.sparse != 0;
+    float z_s = 0.0f, z_1 = 0.0f, sum_s = 0.0f, m_s = 0.0f, s_rel = 0.0f;
     float loss = 0.0f;
     // The student's statistics ride along with the first active teacher's sweep (or get a sweep
     // of their own when no teacher is active).
@@ -566,14 +692,15 @@ __global__ void __launch_bounds__(kStreamThreads)
     do {
       const int k = bits != 0 ? __ffs(bits) - 1 : -1;
       const Tt* t_row = k >= 0 ? teacher_row<Tt>(a, k, row) : nullptr;
-      StudentRun sr{neg_inf(), 0.0f, 0.0f, 0.0f};
+      StudentRun sr{neg_inf(), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
       TeacherRun tr{neg_inf(), 0.0f, 0.0f};
-      stream_stats<U, VEC>(s_row, t_row, first, need_e1, need_sum, nvec, inv_T, sr, tr);
+      stream_stats<U, VEC>(s_row, t_row, first, need_e1, need_sum, need_rel, nvec, inv_T, sr,
+                           tr);
 
       // Rescale every thread's sums to the row maxima, then add them up.
       float mm[2] = {sr.m, tr.m};
       group.max(mm);
-      float sums[5];
+      float sums[6];
       const float f_t = rescale(tr.m, mm[1], inv_T);
       sums[0] = tr.z * f_t;
       sums[1] = f_t > 0.0f ? tr.cross * f_t : 0.0f;
@@ -581,11 +708,16 @@ __global__ void __launch_bounds__(kStreamThreads)
         sums[2] = sr.z * rescale(sr.m, mm[0], inv_T);
         sums[3] = sr.z1 * rescale(sr.m, mm[0], 1.0f);
         sums[4] = sr.sum;
+        // Every thread's sum of s - ref moved to the row's reference (n = 0: nothing to move).
+        sums[5] = sr.n > 0.0f
+                      ? sr.rel + sr.n * (finite_or_zero(sr.m) - finite_or_zero(mm[0]))
+                      : 0.0f;
         group.sum(sums);
         m_s = finite_or_zero(mm[0]);
         z_s = sums[2];
         z_1 = sums[3];
         sum_s = sums[4];
+        s_rel = sums[5];
       } else {
         float zc[2] = {sums[0], sums[1]};
         group.sum(zc);
@@ -607,6 +739,19 @@ __global__ void __launch_bounds__(kStreamThreads)
       first = false;
     } while (bits != 0);
 
+    // Sparse teachers: their tail probability joins the gradient's per-row constant.
+    float c_tail = 0.0f;
+    bool bad_id = false;
+    for (unsigned sb = p.sparse; sb != 0; sb &= sb - 1) {
+      const int j = __ffs(sb) - 1;
+      SparseRow r;
+      loss += sparse_teacher_loss(a, j, row, s_row, m_s, __logf(z_s), s_rel,
+                                  teacher_weight(a, a.num_teachers + j, row), T, inv_T,
+                                  static_cast<int>(threadIdx.x), kStreamThreads, group, r, bad_id);
+      c_tail += r.w * r.p_tail;
+      if (threadIdx.x == 0) sparse_rows[j] = r;
+    }
+
     if (p.v != 0.0f) {
       if (p.bad_label()) {
         loss = quiet_nan();
@@ -615,6 +760,7 @@ __global__ void __launch_bounds__(kStreamThreads)
                                     static_cast<float>(s_row[p.y]), sum_s, eps, C);
       }
     }
+    if (bad_id) loss = quiet_nan();
     if (threadIdx.x == 0) row_loss[row] = loss;
 
     if (g_row != nullptr) {
@@ -622,7 +768,7 @@ __global__ void __launch_bounds__(kStreamThreads)
       const bool use_e1 = p.v_g != 0.0f && !unit_T;
       const float c_q = p.w_sum / z_s + (p.v_g != 0.0f && unit_T ? p.v_g / z_s : 0.0f);
       const float c_1 = use_e1 ? p.v_g / z_1 : 0.0f;
-      const float c_off = p.v_g * eps / static_cast<float>(C);
+      const float c_off = p.v_g * eps / static_cast<float>(C) + c_tail;
       const float c_y = p.v_g * (1.0f - eps);
       for (int base = threadIdx.x; base < nvec; base += U * kStreamThreads) {
         float xs[U][VEC];
@@ -658,9 +804,18 @@ __global__ void __launch_bounds__(kStreamThreads)
           if (base + u * kStreamThreads < nvec) store_as<VEC>(g + u * kStreamThreads * VEC, out[u]);
         }
       }
+      // The sparse teachers' ids, one teacher at a time (their ids may overlap), after the row's
+      // stores. The next row's first writes to sparse_rows come after its reductions' barriers.
+      for (unsigned sb = p.sparse; sb != 0; sb &= sb - 1) {
+        __syncthreads();
+        const int j = __ffs(sb) - 1;
+        sparse_teacher_fixup(a, j, row, sparse_rows[j], inv_T, g_row,
+                             static_cast<int>(threadIdx.x), kStreamThreads);
+      }
     }
   }
 }
+
 // ---- Launch plan (torch-free, so that a launcher and a check outside torch share it) -----------
 
 struct LaunchPlan {
