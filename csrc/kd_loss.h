@@ -53,6 +53,10 @@ struct KDLossArgs {
   //   Z = sum_i e_i + (C - k) e_tail,  e = exp((d - m_d) / T),  m_d = max(max_i values, tail)
   //   KL = [sum_i p_i (v_i - s[id_i]) + p_tail sum_{c not in ids} (tail - s_c)] / T
   //        + lse(s / T) - lse(d / T),   p = e / Z
+  //      = [sum_i p_i ((v_i - m_d) - (s[id_i] - m_s)) + p_tail sum_{c not in ids} ((tail - m_d)
+  //        - (s_c - m_s))] / T + log z_s - log Z   (the maxima's terms vanish as sum p = 1; this
+  //        form never subtracts numbers of the logits' size, so it keeps float32 precision when
+  //        the student sits at another offset than d, e.g. logits of 1e4 against log-probs)
   //   grad: w (q - p_tail) on every class, plus w (p_tail - p_i) at ids[i].
   // The sum over the classes outside ids is taken as the whole row's sum minus the k gathered
   // entries, both relative to the student's maximum. Ids are distinct per row (duplicates are
