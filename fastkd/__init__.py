@@ -1,7 +1,8 @@
 """fastkd: fused knowledge-distillation losses for PyTorch.
 
 ``fastkd.kd_loss`` (and ``fastkd.nn.KDLoss``) computes temperature-scaled KD -- with hard-label CE,
-guided KD and teacher cohorts -- in one pass over the logits, on C++ CPU, CUDA and Triton kernels.
+guided KD and teacher cohorts -- in one pass over the logits, on C++ CPU, CUDA and Triton kernels;
+a teacher may be given by its top-k classes only (``fastkd.SparseTeacher``).
 ``fastkd.channel_attention_loss`` (``fastkd.nn.ChannelAttentionLoss``) is Channel Distillation's
 feature-map loss over every stage of a network in one fused call.
 ``fastkd.feature_regression_loss`` (``fastkd.nn.FeatureRegressionLoss``) regresses student feature
@@ -17,10 +18,12 @@ from . import (
     reference,
 )
 from .functional import channel_attention_loss, feature_regression_loss, kd_loss
+from .sparse import SparseTeacher
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SparseTeacher",
     "channel_attention_loss",
     "feature_regression_loss",
     "kd_loss",

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from ..functional.kd_loss import _check_options, _kd_loss
+from ..sparse import SparseTeacher
 
 
 class KDLoss(torch.nn.Module):
@@ -14,12 +15,14 @@ class KDLoss(torch.nn.Module):
     with hard-label cross-entropy (``alpha``), guided (GKD) or over a teacher cohort.
 
     Hyper-parameters are checked here, once, by the checks of :func:`fastkd.kd_loss` (see it for
-    their meaning); each call checks only its tensors.
+    their meaning); each call checks only its tensors. The teacher may be a tensor, a
+    :class:`fastkd.SparseTeacher` (its top-k classes per row) or a list mixing them.
 
     Example::
 
         criterion = fastkd.nn.KDLoss(temperature=4.0, alpha=0.9)
         loss = criterion(student(x), teacher(x), y)
+        loss = criterion(student(x), fastkd.SparseTeacher(top_ids, top_log_probs), y)
     """
 
     def __init__(
@@ -51,7 +54,7 @@ class KDLoss(torch.nn.Module):
     def forward(
         self,
         student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor | Sequence[torch.Tensor],
+        teacher_logits: torch.Tensor | SparseTeacher | Sequence[torch.Tensor | SparseTeacher],
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return _kd_loss(

@@ -2,7 +2,8 @@
 
 Written straight from the definitions in ``fastkd.kd_loss``'s docstring and docs/methods.md
 (#kd, #gkd, #dih), independently of the fused kernels' coefficient plan, so the two can check
-each other.
+each other. A sparse teacher (``fastkd.SparseTeacher``) is densified to the logit vector it stands
+for and then treated as any dense teacher.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..sparse import SparseTeacher
 
 
 def _max_and_log_sum_exp(x: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,7 +26,7 @@ def _max_and_log_sum_exp(x: torch.Tensor, temperature: float) -> tuple[torch.Ten
 
 def kd_loss_ref(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | Sequence[torch.Tensor],
+    teacher_logits: torch.Tensor | SparseTeacher | Sequence[torch.Tensor | SparseTeacher],
     labels: torch.Tensor | None = None,
     *,
     temperature: float = 1.0,
@@ -35,8 +38,10 @@ def kd_loss_ref(
     reduction: str = "batchmean",
 ) -> torch.Tensor:
     """Same arguments and result as :func:`fastkd.kd_loss` (computed in float32, or float64 for
-    float64 inputs); differentiable through autograd."""
-    if isinstance(teacher_logits, torch.Tensor):
+    float64 inputs); differentiable through autograd. A `SparseTeacher` is densified (in that
+    dtype) to the teacher it stands for; its ids must be distinct per row and in ``[0, C)`` (on
+    the CPU a violation raises, elsewhere the loss is NaN)."""
+    if isinstance(teacher_logits, (torch.Tensor, SparseTeacher)):
         teacher_logits = [teacher_logits]
     teachers = list(teacher_logits)
     weights = [1.0] * len(teachers) if teacher_weights is None else list(teacher_weights)
@@ -79,20 +84,27 @@ def kd_loss_ref(
     kd_weight = 1.0 if alpha is None else float(alpha)
     per_row = torch.zeros(rows, dtype=acc, device=s.device)
     total = torch.zeros((), dtype=acc, device=s.device)
-    for t, w in zip(teachers, weights, strict=True):
-        t = t.detach().reshape(-1, classes).to(acc)
+    invalid = torch.zeros((), dtype=torch.bool, device=s.device)
+    for i, (t, w) in enumerate(zip(teachers, weights, strict=True)):
+        if isinstance(t, SparseTeacher):
+            name = "teacher_logits" if len(teachers) == 1 else f"teacher_logits[{i}]"
+            t, bad = _densify(t, name, classes, acc)
+            invalid = invalid | bad
+        else:
+            t = t.detach().reshape(-1, classes).to(acc)
         kept = counted if not guided else counted & (t.argmax(-1) == y)
         t = torch.where(kept[:, None], t, 0.0)  # as for s above
         m_t, log_zt = _max_and_log_sum_exp(t, T)
         p = torch.exp((t - m_t[:, None]) / T - log_zt[:, None])
-        # KL(p || q) = sum_c p_c (t_c - s_c) / T + lse(s / T) - lse(t / T), as the kernels compute
-        # it: per-element differences of the logits, and the log-sum-exps' large parts (the row
-        # maxima) cancelled before they meet, so float32 keeps the digits of a small KL and of
-        # logits with a large common offset. 0 * log 0 = 0: classes the teacher rules out (p = 0,
-        # e.g. -inf logits) contribute nothing; tested as p == 0, not p > 0, so that a NaN p still
-        # makes the row NaN.
-        cross = torch.where(p == 0, 0.0, p * (t - s)).sum(-1) / T
-        kl = cross + (m_s - m_t) / T + (log_zs - log_zt)
+        # KL(p || q) = sum_c p_c ((t_c - m_t) - (s_c - m_s)) / T + log z_s - log z_t: per-element
+        # differences of logits taken relative to their row maxima, whose own terms
+        # ((m_t - m_s) (sum_c p_c - 1) / T) vanish exactly, so float32 keeps the digits of a small
+        # KL and of logits at large or different offsets. 0 * log 0 = 0: classes the teacher rules
+        # out (p = 0, e.g. -inf logits) contribute nothing; tested as p == 0, not p > 0, so that a
+        # NaN p still makes the row NaN.
+        rel = (t - m_t[:, None]) - (s - m_s[:, None])
+        cross = torch.where(p == 0, 0.0, p * rel).sum(-1) / T
+        kl = cross + (log_zs - log_zt)
         term = torch.where(kept, T * T * kl, 0.0)
         per_row = per_row + kd_weight * w * term
         total = total + kd_weight * w * reduce(term, kept, per_class=True)
@@ -108,6 +120,44 @@ def kd_loss_ref(
         per_row = per_row + (1.0 - alpha) * ce
         total = total + (1.0 - alpha) * reduce(ce, counted, per_class=False)
 
-    if reduction == "none":
-        return per_row.view(lead)
-    return total
+    result = per_row.view(lead) if reduction == "none" else total
+    # Invalid ids of a sparse teacher on a GPU (the CPU raised): the loss is NaN, as for labels.
+    return result + torch.where(invalid, torch.nan, 0.0)
+
+
+def _densify(
+    teacher: SparseTeacher, name: str, classes: int, acc: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense teacher ``d`` a sparse teacher stands for, ``[rows, C]`` in `acc`, and whether
+    its ids are invalid (a bool scalar). Ids must lie in ``[0, C)`` and be distinct per row: on the
+    CPU a violation raises (a ValueError naming the row; under torch.compile a RuntimeError), on
+    other devices, where raising would need a host sync, the flag makes the loss NaN."""
+    ids, values, tails = teacher._for_kernel(classes, acc)
+    in_range = (ids >= 0) & (ids < classes)
+    ordered = ids.sort(-1).values
+    repeated = ordered[:, 1:] == ordered[:, :-1]
+    out_of_range_rows = ~in_range.all(-1)
+    repeated_rows = repeated.any(-1)
+    if ids.device.type == "cpu":
+        _refuse(out_of_range_rows, lambda row: (
+            f"{name}.indices must be class ids in [0, {classes})"
+            + ("" if row is None else f"; row {row} holds {ids[row][~in_range[row]][0].item()}")
+        ))
+        _refuse(repeated_rows, lambda row: (
+            f"{name}.indices must be distinct in each row"
+            + ("" if row is None else
+               f"; row {row} holds class {ordered[row, 1:][repeated[row]][0].item()} twice")
+        ))
+    d = tails[:, None].expand(-1, classes).clone()
+    d.scatter_(-1, torch.where(in_range, ids, 0).long(), values)
+    return d, (out_of_range_rows | repeated_rows).any()
+
+
+def _refuse(bad_rows: torch.Tensor, message) -> None:
+    """Raises when any of the (CPU) `bad_rows` is set: a ValueError with ``message(row)`` for the
+    first bad row, or, while torch.compile traces (no data-dependent branch), a RuntimeError from
+    ``torch._assert_async`` with ``message(None)``."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad_rows.any(), "fastkd: " + message(None))
+    elif bad_rows.any():
+        raise ValueError(message(int(bad_rows.nonzero()[0, 0])))
