@@ -193,13 +193,17 @@ class SparseTeacher:
         if self.tail == "none" or k >= classes:
             tails = torch.full(ids.shape[:1], -math.inf, dtype=dtype, device=values.device)
         else:
+            # The mass outside the k classes, 1 - sum(p), cancels: it is taken in float64 from the
+            # values as given (O(rows * k)), so a small tail keeps its digits -- a temperature
+            # T > 1 raises it to the power 1/T, and float64 values can carry it below 1e-7.
+            exact = self.values.detach().reshape(-1, k).double()
             if self.kind == "probs":
-                mass = 1.0 - values.sum(-1)
+                mass = 1.0 - exact.sum(-1)
             else:
-                vmax, first = log_values.max(-1, keepdim=True)
-                lse = vmax + _log1p_rest(log_values, vmax, first)
+                vmax, first = exact.max(-1, keepdim=True)
+                lse = vmax + _log1p_rest(exact, vmax, first)
                 mass = -torch.expm1(lse).squeeze(-1)
-            tails = mass.clamp_min(0.0).log() - math.log(classes - k)
+            tails = (mass.clamp_min(0.0).log() - math.log(classes - k)).to(dtype)
         return ids, log_values.contiguous(), tails
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.train import partial_teacher_logits
+from fastkd.train import partial_teacher, partial_teacher_logits
 
 
 def _target(z: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -77,3 +77,22 @@ def test_bad_arguments(k, temperature, error):
         partial_teacher_logits(torch.randn(2, 5), k, temperature)
     with pytest.raises(TypeError):
         partial_teacher_logits(torch.ones(2, 5, dtype=torch.int64), 1, 1.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+@pytest.mark.parametrize("k", [1, 3, 9, 10])
+def test_sparse_partial_teacher_is_the_same_target(k, temperature):
+    """partial_teacher (the trainer's sparse form) stands for a d with softmax(d / T) = r, and
+    kd_loss on it equals kd_loss on the dense target logits."""
+    gen = torch.Generator().manual_seed(k)
+    t = torch.randn(6, 10, generator=gen, dtype=torch.float64) * 3
+    s = torch.randn(6, 10, generator=gen)
+    sparse = partial_teacher(t, k, temperature)
+    assert sparse.k == min(k, 10)
+    r = _target(partial_teacher_logits(t, k, temperature).double(), temperature)
+    ids, values, tails = sparse._for_kernel(10, torch.float64)
+    d = tails[:, None].expand(-1, 10).clone().scatter(-1, ids.long(), values)
+    torch.testing.assert_close(_target(d, temperature), r, atol=1e-6, rtol=1e-5)
+    dense = fastkd.kd_loss(s, partial_teacher_logits(t, k, temperature), temperature=temperature)
+    assert math.isclose(fastkd.kd_loss(s, sparse, temperature=temperature).item(), dense.item(),
+                        rel_tol=1e-5)

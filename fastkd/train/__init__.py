@@ -10,7 +10,7 @@ Command line: ``python -m fastkd.train --help`` (or ``fastkd-train``). From Pyth
 from .checkpoint import CheckpointError
 from .config import METHODS, Config, ConfigError, parse_args
 from .engine import Interrupted, NonFiniteLoss, RunResult, train
-from .topk import partial_teacher_logits
+from .topk import partial_teacher, partial_teacher_logits
 
 __all__ = [
     "METHODS",
@@ -21,6 +21,7 @@ __all__ = [
     "NonFiniteLoss",
     "RunResult",
     "parse_args",
+    "partial_teacher",
     "partial_teacher_logits",
     "train",
 ]

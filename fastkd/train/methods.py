@@ -17,7 +17,8 @@ Methods (sections of docs/methods.md; defaults in ``fastkd.train.config``):
 
 * ``scratch``: ``CE(s, y)``.
 * ``kd`` (section 1): ``alpha * T^2 KL(p || q) + (1 - alpha) CE``.
-* ``topk`` (section 6): ``kd`` against the partial teacher of ``fastkd.train.topk``.
+* ``topk`` (section 6): ``kd`` against the partial teacher of ``fastkd.train.topk`` (a sparse
+  teacher: its k classes and the uniform tail).
 * ``cd`` (section 2): ``w_cd(e) * CD(connector(F_s), F_t) + w_ce(e) * CE + w_gkd(e) * GKD`` over
   the four stages, with the early-decay schedule ``w_cd(e) = cd_weight * cd_decay^floor(e / every)``
   and CE/GKD off for ``e <= cd_kd_start`` (epochs counted from 1).
@@ -46,7 +47,7 @@ import fastkd
 
 from .config import Config, ConfigError
 from .models import StagedNet, stage_shapes
-from .topk import partial_teacher_logits
+from .topk import partial_teacher
 
 Parts = dict[str, torch.Tensor]
 
@@ -55,7 +56,7 @@ Parts = dict[str, torch.Tensor]
 class TeacherOut:
     """Per teacher (or cohort member): logits, and the stage maps when the method needs them."""
 
-    logits: list[torch.Tensor]
+    logits: list[torch.Tensor | fastkd.SparseTeacher]
     feats: list[list[torch.Tensor]] = field(default_factory=list)
 
 
@@ -185,7 +186,7 @@ def _topk(ctx: Context) -> Plan:
     cfg, teacher = ctx.cfg, ctx.teachers[0]
 
     def teacher_fn(x):
-        return TeacherOut([partial_teacher_logits(teacher(x)[1], cfg.topk, cfg.temperature)])
+        return TeacherOut([partial_teacher(teacher(x)[1], cfg.topk, cfg.temperature)])
 
     return Plan([_kd_phase(ctx, "student", teacher_fn)], {"student": ctx.student})
 
