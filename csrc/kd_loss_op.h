@@ -26,20 +26,30 @@ inline KDLossArgs prepare_kd_loss(const at::Tensor& student, at::TensorList teac
                                   const std::optional<at::Tensor>& ce_row_weights,
                                   at::ArrayRef<double> kd_coefs, double ce_coef, double temperature,
                                   double label_smoothing, int64_t ignore_index, bool compute_grad,
-                                  KDLossBuffers& out) {
+                                  at::TensorList sparse_ids, at::TensorList sparse_values,
+                                  at::TensorList sparse_tails, KDLossBuffers& out) {
   check_rows3d(student, "student");
   const int64_t outer = student.size(0), inner = student.size(1), cols = student.size(2);
   const int64_t rows = outer * inner;
   TORCH_CHECK(rows > 0 && cols > 0, "fastkd: kd_loss needs at least one row and one class, got ",
               "student of shape ", student.sizes());
-  const int k = static_cast<int>(teachers.size());
-  TORCH_CHECK(k >= 1 && k <= kMaxTeachers, "fastkd: kd_loss takes 1 to ", kMaxTeachers,
-              " teachers, got ", k);
-  TORCH_CHECK(static_cast<int64_t>(kd_coefs.size()) == k, "fastkd: kd_coefs must hold one value "
-              "per teacher (", k, "), got ", kd_coefs.size());
+  const int64_t k = static_cast<int64_t>(teachers.size());
+  const int64_t num_sparse = static_cast<int64_t>(sparse_ids.size());
+  TORCH_CHECK(static_cast<int64_t>(sparse_values.size()) == num_sparse &&
+                  static_cast<int64_t>(sparse_tails.size()) == num_sparse,
+              "fastkd: sparse_ids, sparse_values and sparse_tails must hold one tensor per sparse "
+              "teacher each, got ", num_sparse, ", ", sparse_values.size(), " and ",
+              sparse_tails.size());
+  const int64_t total = k + num_sparse;
+  TORCH_CHECK(total >= 1 && total <= kMaxTeachers, "fastkd: kd_loss takes 1 to ", kMaxTeachers,
+              " teachers, got ", total, " (", k, " dense, ", num_sparse, " sparse)");
+  TORCH_CHECK(static_cast<int64_t>(kd_coefs.size()) == total, "fastkd: kd_coefs must hold one "
+              "value per teacher (", total, ": ", k, " dense, then ", num_sparse, " sparse), got ",
+              kd_coefs.size());
+  for (double c : kd_coefs) TORCH_CHECK(std::isfinite(c), "fastkd: kd_coefs must be finite");
   const bool f64 = student.scalar_type() == at::kDouble;
   const at::ScalarType acc_dtype = f64 ? at::kDouble : at::kFloat;
-  for (int i = 0; i < k; ++i) {
+  for (int64_t i = 0; i < k; ++i) {
     const at::Tensor& t = teachers[i];
     check_rows3d(t, "teacher");
     check_same_device(student, t, "teacher");
@@ -51,7 +61,38 @@ inline KDLossArgs prepare_kd_loss(const at::Tensor& student, at::TensorList teac
     TORCH_CHECK((t.scalar_type() == at::kDouble) == f64,
                 "fastkd: float64 logits must be float64 for student and teachers alike, got "
                 "student ", student.scalar_type(), " and teacher ", t.scalar_type());
-    TORCH_CHECK(std::isfinite(kd_coefs[i]), "fastkd: kd_coefs must be finite");
+  }
+  // Sparse teacher j: ids int32 and values [rows, k_j] (1 <= k_j <= C), tails [rows], all
+  // contiguous; values and tails in the accumulation dtype (see kd_loss.h).
+  for (int64_t j = 0; j < num_sparse; ++j) {
+    const at::Tensor& ids = sparse_ids[j];
+    const at::Tensor& vals = sparse_values[j];
+    const at::Tensor& tails = sparse_tails[j];
+    TORCH_CHECK(ids.device() == student.device(), "fastkd: sparse_ids[", j, "] is on ",
+                ids.device(), " but the student is on ", student.device());
+    TORCH_CHECK(vals.device() == student.device(), "fastkd: sparse_values[", j, "] is on ",
+                vals.device(), " but the student is on ", student.device());
+    TORCH_CHECK(tails.device() == student.device(), "fastkd: sparse_tails[", j, "] is on ",
+                tails.device(), " but the student is on ", student.device());
+    TORCH_CHECK(ids.scalar_type() == at::kInt, "fastkd: sparse_ids[", j, "] must be int32, got ",
+                ids.scalar_type());
+    TORCH_CHECK(ids.dim() == 2 && ids.size(0) == rows && ids.size(1) >= 1 &&
+                    ids.size(1) <= cols && ids.is_contiguous(),
+                "fastkd: sparse_ids[", j, "] must be a contiguous [", rows, ", k] tensor with 1 <= k "
+                "<= ", cols, " (rows and classes of the student), got shape ", ids.sizes(),
+                " strides ", ids.strides());
+    TORCH_CHECK(vals.scalar_type() == acc_dtype, "fastkd: sparse_values[", j, "] must be ",
+                acc_dtype, " (the accumulation dtype of a ", student.scalar_type(),
+                " student), got ", vals.scalar_type());
+    TORCH_CHECK(vals.sizes() == ids.sizes() && vals.is_contiguous(), "fastkd: sparse_values[", j,
+                "] must be contiguous with the shape of sparse_ids[", j, "] ", ids.sizes(),
+                ", got shape ", vals.sizes(), " strides ", vals.strides());
+    TORCH_CHECK(tails.scalar_type() == acc_dtype, "fastkd: sparse_tails[", j, "] must be ",
+                acc_dtype, " (the accumulation dtype of a ", student.scalar_type(),
+                " student), got ", tails.scalar_type());
+    TORCH_CHECK(tails.dim() == 1 && tails.size(0) == rows && tails.is_contiguous(),
+                "fastkd: sparse_tails[", j, "] must be a contiguous vector of ", rows,
+                " values, got shape ", tails.sizes());
   }
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0,
               "fastkd: temperature must be a finite number > 0, got ", temperature);
@@ -70,7 +111,7 @@ inline KDLossArgs prepare_kd_loss(const at::Tensor& student, at::TensorList teac
   }
   if (kd_row_weights.has_value()) {
     check_same_device(student, *kd_row_weights, "kd_row_weights");
-    check_row_weights(*kd_row_weights, k, rows, acc_dtype, "kd_row_weights");
+    check_row_weights(*kd_row_weights, total, rows, acc_dtype, "kd_row_weights");
   }
   if (ce_row_weights.has_value()) {
     check_same_device(student, *ce_row_weights, "ce_row_weights");
@@ -84,12 +125,19 @@ inline KDLossArgs prepare_kd_loss(const at::Tensor& student, at::TensorList teac
   a.student = student.data_ptr();
   a.s_stride_outer = student.stride(0);
   a.s_stride_inner = student.stride(1);
-  a.num_teachers = k;
-  for (int i = 0; i < k; ++i) {
+  a.num_teachers = static_cast<int>(k);
+  for (int64_t i = 0; i < k; ++i) {
     a.teachers[i] = teachers[i].data_ptr();
     a.t_stride_outer[i] = teachers[i].stride(0);
     a.t_stride_inner[i] = teachers[i].stride(1);
-    a.kd_coef[i] = kd_coefs[i];
+  }
+  for (int64_t i = 0; i < total; ++i) a.kd_coef[i] = kd_coefs[i];
+  a.num_sparse = static_cast<int>(num_sparse);
+  for (int64_t j = 0; j < num_sparse; ++j) {
+    a.sparse_ids[j] = sparse_ids[j].data_ptr<int32_t>();
+    a.sparse_values[j] = sparse_values[j].data_ptr();
+    a.sparse_tails[j] = sparse_tails[j].data_ptr();
+    a.sparse_k[j] = sparse_ids[j].size(1);
   }
   if (kd_row_weights.has_value()) {
     a.kd_row_weights = kd_row_weights->data_ptr();

@@ -249,7 +249,8 @@ def test_teacher_limit_comes_from_the_extension(backend):
     s3, t3 = s.unsqueeze(1), [t.unsqueeze(1) for t in ts]
     op = {"cpu": torch.ops.fastkd.kd_loss_fwd, "triton": torch.ops.fastkd.kd_loss_fwd_triton}
     with pytest.raises((RuntimeError, ValueError), match=rf"takes 1 to {limit} teachers"):
-        op[backend](s3, t3, None, None, None, [1.0] * len(t3), 0.0, 1.0, 0.0, -100, False, False)
+        op[backend](s3, t3, None, None, None, [1.0] * len(t3), 0.0, 1.0, 0.0, -100, False, False,
+                    [], [], [])
     if backend == "triton":
         from fastkd.kernels import kd_loss as triton_kd
 
@@ -415,7 +416,8 @@ def test_no_gradient_is_computed_when_the_student_does_not_require_it(backend):
     if backend == "torch":
         assert calls == []
     else:
-        assert len(calls) == 2 and all(args[-1] is False for args in calls)  # compute_grad
+        # args[11]: compute_grad (the sparse teachers' three lists follow it)
+        assert len(calls) == 2 and all(args[11] is False for args in calls)
         grads = [out[1] for name, _, out in log.calls if name in KD_OPS]
         assert all(g.numel() == 0 for g in grads), "compute_grad=False must not write a gradient"
 
@@ -477,7 +479,7 @@ def test_direct_op_call_is_not_differentiable(op, compute_grad):
     s = torch.randn(3, 1, 7, requires_grad=True)
     loss, grad = getattr(torch.ops.fastkd, op)(
         s, [torch.randn(3, 1, 7)], None, None, None, [1.0], 0.0, 1.0, 0.0, IGNORE, False,
-        compute_grad,
+        compute_grad, [], [], [],
     )
     assert (grad.numel() == 0) != compute_grad
     with pytest.raises(RuntimeError, match="not implemented|no autograd formula"):

@@ -309,6 +309,9 @@ def _op(
         -100,
         per_row,
         compute_grad,
+        [],
+        [],
+        [],
     )
 
 
@@ -416,7 +419,8 @@ def test_opcheck(per_row):
     y = _labels(6, 100, seed=27)
     args = (s3, [t.unsqueeze(1) for t in ts], y, None, None, [1.0, 0.5], 0.5, 2.0, 0.1, -100)
     for compute_grad in (False, True):
-        torch.library.opcheck(torch.ops.fastkd.kd_loss_fwd, (*args, per_row, compute_grad))
+        torch.library.opcheck(torch.ops.fastkd.kd_loss_fwd,
+                              (*args, per_row, compute_grad, [], [], []))
     grad = _grad((6, 1, 100), torch.bfloat16)
     torch.library.opcheck(torch.ops.fastkd.scale_grad_, (grad, torch.tensor(2.0, device="cuda")))
     torch.library.opcheck(torch.ops.fastkd.scale_grad_, (grad, torch.rand(6, device="cuda")))

@@ -279,6 +279,7 @@ def _op_args(**override):
         student=torch.randn(B, 1, C), teachers=[torch.randn(B, 1, C)], labels=None,
         kd_row_weights=None, ce_row_weights=None, kd_coefs=[1.0], ce_coef=0.0, temperature=1.0,
         label_smoothing=0.0, ignore_index=-100, per_row=False, compute_grad=True,
+        sparse_ids=[], sparse_values=[], sparse_tails=[],
     )
     args.update(override)
     return list(args.values())

@@ -86,7 +86,9 @@ def test_jacobian_of_per_row_losses(backend):
 # --- opcheck ----------------------------------------------------------------------------------
 
 # Each argument set: (student, teachers, labels, kd_row_weights, ce_row_weights, kd_coefs,
-# ce_coef, temperature, label_smoothing, ignore_index, per_row, compute_grad).
+# ce_coef, temperature, label_smoothing, ignore_index, per_row, compute_grad, sparse_ids,
+# sparse_values, sparse_tails); sparse teachers are tested in test_kd_loss_sparse_op.py.
+NO_SPARSE = ([], [], [])
 
 
 def _op_sets(student_requires_grad: bool) -> dict[str, tuple]:
@@ -98,12 +100,13 @@ def _op_sets(student_requires_grad: bool) -> dict[str, tuple]:
     ce_w = torch.rand(6)
     ce_w[4] = 0.0  # the ignored row: the op reads a row's label only when its CE weight != 0
     return {
-        "kd": (s, [t1], None, None, None, [0.5], 0.0, 2.0, 0.0, IGNORE, False, True),
+        "kd": (s, [t1], None, None, None, [0.5], 0.0, 2.0, 0.0, IGNORE, False, True, *NO_SPARSE),
         "labels_row_weights_per_row": (s, [t1, t1 * 2], y, kd_w, ce_w, [0.5, 0.25], 0.3, 2.0,
-                                       0.1, IGNORE, True, True),
+                                       0.1, IGNORE, True, True, *NO_SPARSE),
         "shared_row_weights_bf16_teacher": (s, [t2], y, ce_w.expand(1, 6), ce_w, [1.0], 0.5,
-                                            1.0, 0.0, IGNORE, False, True),
-        "no_grad": (s, [t1], y, None, ce_w, [1.0], 0.5, 1.0, 0.0, IGNORE, False, False),
+                                            1.0, 0.0, IGNORE, False, True, *NO_SPARSE),
+        "no_grad": (s, [t1], y, None, ce_w, [1.0], 0.5, 1.0, 0.0, IGNORE, False, False,
+                    *NO_SPARSE),
     }
 
 

@@ -7,8 +7,21 @@
 //   KL(p_k || q) = sum_c p_kc (t_kc - s_c) / T + lse(s / T) - lse(t_k / T)
 //   CE = lse(s) - (1 - eps) * s_y - eps / C * sum_c s_c
 //
+// Sparse (top-k) teachers, after the dense ones in kd_coef / kd_row_weights: the dense logits d of
+// C classes with d[ids_i] = values_i (i < k) and d[c] = tail elsewhere (csrc/kd_loss.h). From the
+// k entries, the tail and the student row's statistics (m_s, z, and sum_c (s_c - m_s) when the tail
+// has mass), never a C-sized teacher row:
+//   Z = sum_i e_i + (C - k) e_tail,  e = exp((d - m_d) / T)
+//   KL = [sum_i e_i ((v_i - m_d) - (s[id_i] - m_s)) + e_tail ((C - k)(tail - m_d) - (S - S_ids))]
+//        / (T Z) + log z_s - log Z,   S = sum_c (s_c - m_s), S_ids its k gathered terms
+// (relative to both maxima, no difference of logit-sized numbers: a student at another offset
+// than d, e.g. logits of 1e4 against log-probabilities, keeps float32 precision).
+//   grad: w (q - p_tail) everywhere (p_tail a per-row constant of the sweep) + w (p_tail - p_i)
+//   at ids_i, added in acc_t to the row before it is rounded to the student's dtype.
+//
 // Shapes: student and teachers [outer, inner, C] with stride 1 over C and any outer/inner strides;
-// labels and row weights [rows]; per-row losses [rows]; gradient [rows, C] in the student's dtype.
+// labels and row weights [rows]; sparse ids and values [rows, k] contiguous, tails [rows]; per-row
+// losses [rows]; gradient [rows, C] in the student's dtype.
 //
 // Numerics: every row is swept with at::vec vectors in float32 (float64 for float64 inputs).
 // Sweep 1 takes the maxima, so sweep 2 computes each exponential exactly once, relative to the
@@ -159,6 +172,24 @@ inline acc_t finite_or_zero(acc_t m) {
   return std::isfinite(m) ? m : acc_t(0);
 }
 
+// sum_c (s_c - m_s) over the finite entries of a student row, and how many entries are -inf: the
+// sparse teachers' tail sum when the row holds -inf logits (where the row's plain sum is -inf, and
+// taking the ids' entries out of it would give -inf - (-inf) = NaN).
+template <typename acc_t, typename T>
+inline acc_t finite_sum(const T* s, int64_t cols, acc_t m_s, int64_t& neg_inf) {
+  acc_t sum = 0;
+  neg_inf = 0;
+  for (int64_t c = 0; c < cols; ++c) {
+    const acc_t x = static_cast<acc_t>(s[c]);
+    if (x == -std::numeric_limits<acc_t>::infinity()) {
+      ++neg_inf;
+    } else {
+      sum += x - m_s;
+    }
+  }
+  return sum;
+}
+
 template <typename scalar_t, typename teacher_t>
 void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -181,6 +212,20 @@ void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
   acc_t* acc_p = e_t + (has_grad ? C : 0);
   acc_t* e_1 = acc_p + (has_grad ? C : 0);
 
+  // Sparse teachers' scratch: the student's logits at the current teacher's ids and, for the
+  // gradient, every teacher's k exponentials (applied after the gradient sweep).
+  const int J = a.num_sparse;
+  int64_t max_k = 0, sum_k = 0;
+  int64_t e_off[kMaxTeachers] = {};
+  for (int j = 0; j < J; ++j) {
+    e_off[j] = sum_k;
+    sum_k += a.sparse_k[j];
+    max_k = std::max(max_k, a.sparse_k[j]);
+  }
+  std::vector<acc_t> sparse_scratch(max_k + (has_grad ? sum_k : 0));
+  acc_t* s_at = sparse_scratch.data();
+  acc_t* e_d = s_at + max_k;
+
   auto* row_loss = static_cast<acc_t*>(a.row_loss);
   const auto* kd_rw = static_cast<const acc_t*>(a.kd_row_weights);
   const auto* ce_rw = static_cast<const acc_t*>(a.ce_row_weights);
@@ -189,9 +234,9 @@ void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
         static_cast<const scalar_t*>(a.student) + row_offset(b, a.inner, a.s_stride_outer, a.s_stride_inner);
     scalar_t* g = has_grad ? static_cast<scalar_t*>(a.grad) + b * C : nullptr;
 
-    acc_t w[kMaxTeachers];
+    acc_t w[kMaxTeachers];  // dense teachers, then sparse ones
     acc_t w_sum = 0;
-    for (int k = 0; k < K; ++k) {
+    for (int k = 0; k < K + J; ++k) {
       const acc_t rw = kd_rw ? kd_rw[k * a.kd_row_weights_stride + b] : acc_t(1);
       w[k] = static_cast<acc_t>(a.kd_coef[k]) * rw;
       w_sum += w[k];
@@ -199,10 +244,16 @@ void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
     const acc_t v =
         has_ce ? static_cast<acc_t>(a.ce_coef) * (ce_rw ? ce_rw[b] : acc_t(1)) : acc_t(0);
     // An ignored row, or a guided row that every teacher got wrong.
-    if (v == 0 && std::all_of(w, w + K, [](acc_t x) { return x == 0; })) {
+    if (v == 0 && std::all_of(w, w + K + J, [](acc_t x) { return x == 0; })) {
       row_loss[b] = 0;
       if (has_grad) std::fill(g, g + C, scalar_t(0));
       continue;
+    }
+    // The row's sum of s - m_s: label smoothing, and the tail of a sparse teacher with mass there.
+    bool need_sum = v != 0 && eps != 0;
+    for (int j = 0; j < J; ++j) {
+      need_sum = need_sum || (w[K + j] != 0 && a.sparse_k[j] < C &&
+                              static_cast<const acc_t*>(a.sparse_tails[j])[b] > kNegInf);
     }
 
     // Student: max, then exp(s/T - max/T) (and exp(s - max) for CE at T != 1) in one sweep.
@@ -221,7 +272,7 @@ void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
         z_1 += e1;
         if (has_grad) e1.store(e_1 + c, n);
       }
-      if (v != 0 && eps != 0) sum_s += load<acc_t>(s + c, n, m_s) - vm_s;
+      if (need_sum) sum_s += load<acc_t>(s + c, n, m_s) - vm_s;
     });
     // Log-sum-exps are kept relative to the row maxima (lse(s / T) = m_s / T + log_zs), and the
     // maxima cancel before anything is added to them: with a large common offset in the logits,
@@ -268,6 +319,76 @@ void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
       first = false;
     }
 
+    // Sparse teachers: d's maximum, normaliser and cross term from its k values and tail.
+    const acc_t s_rel = need_sum ? hsum(sum_s) : acc_t(0);
+    int64_t row_neg_inf = -1;  // -inf entries of the student row, counted when first needed
+    acc_t row_finite = 0;
+    acc_t c_tail = 0;  // sum_j w_j p_tail_j, a constant of the row's gradient
+    acc_t sp_inv_z[kMaxTeachers] = {};
+    acc_t sp_p_tail[kMaxTeachers] = {};
+    int sparse_active = 0;
+    for (int j = 0; j < J; ++j) {
+      const acc_t wj = w[K + j];
+      if (wj == 0) continue;
+      ++sparse_active;
+      const int64_t kj = a.sparse_k[j];
+      const int64_t n_tail = C - kj;
+      const int32_t* ids = a.sparse_ids[j] + b * kj;
+      const acc_t* vals = static_cast<const acc_t*>(a.sparse_values[j]) + b * kj;
+      const acc_t tail = static_cast<const acc_t*>(a.sparse_tails[j])[b];
+      for (int64_t i = 0; i < kj; ++i) {
+        const int32_t id = ids[i];
+        TORCH_CHECK(id >= 0 && id < C, "fastkd: sparse_ids must be in [0, ", C,
+                    "); sparse teacher ", j, " has id ", id, " on row ", b);
+        s_at[i] = static_cast<acc_t>(s[id]);
+      }
+      // The tail takes part only when some class holds it; a NaN in it propagates.
+      acc_t m_d = row_max<acc_t>(vals, kj);
+      if (n_tail > 0 && (tail > m_d || std::isnan(tail))) m_d = tail;
+      m_d = finite_or_zero(m_d);
+      const ScaledExp<acc_t> exp_d(inv_T, m_d);
+      const V vm_d(m_d);
+      const acc_t e_tail = n_tail > 0 ? std::exp((tail - m_d) * inv_T) : acc_t(0);
+      const bool tail_mass = e_tail > 0;
+      acc_t* e_j = e_d + e_off[j];
+      V z_d(0), cross(0), at_ids(0);  // at_ids: sum_i (s[id_i] - m_s)
+      for_blocks<acc_t>(kj, [&](int64_t c, int64_t n) {
+        const V x = load<acc_t>(vals + c, n, kNegInf);
+        const V e = exp_d(x);
+        z_d += e;
+        // As for a dense teacher: p_i = 0 contributes 0 even where the difference is inf or NaN.
+        const V diff = (x - vm_d) - (load<acc_t>(s_at + c, n, kNegInf) - vm_s);
+        cross = V::blendv(cross, at::vec::fmadd(e, diff, cross), e > V(0));
+        if (tail_mass) at_ids += load<acc_t>(s_at + c, n, m_s) - vm_s;
+        if (has_grad) e.store(e_j + c, n);
+      });
+      const acc_t zd = hsum(z_d) + static_cast<acc_t>(n_tail) * e_tail;
+      acc_t cr = hsum(cross);
+      if (tail_mass) {
+        // sum over the tail classes of (tail - m_d) - (s_c - m_s) = n_tail (tail - m_d) - rest.
+        acc_t rest = s_rel - hsum(at_ids);
+        if (s_rel == kNegInf) {
+          if (row_neg_inf < 0) row_finite = finite_sum<acc_t>(s, C, m_s, row_neg_inf);
+          acc_t ids_finite = 0;
+          int64_t ids_neg_inf = 0;
+          for (int64_t i = 0; i < kj; ++i) {
+            if (s_at[i] == kNegInf) {
+              ++ids_neg_inf;
+            } else {
+              ids_finite += s_at[i] - m_s;
+            }
+          }
+          rest = row_neg_inf > ids_neg_inf ? kNegInf : row_finite - ids_finite;
+        }
+        cr += e_tail * (static_cast<acc_t>(n_tail) * (tail - m_d) - rest);
+      }
+      const acc_t kl = cr * inv_T / zd + (log_zs - std::log(zd));
+      loss += wj * T * kl;
+      sp_inv_z[j] = acc_t(1) / zd;
+      sp_p_tail[j] = e_tail / zd;
+      c_tail += wj * sp_p_tail[j];
+    }
+
     acc_t y_logit = 0;
     int64_t y = -1;
     if (v != 0) {
@@ -287,17 +408,49 @@ void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
       const acc_t zs = hsum(z_s);
       const acc_t c_q = w_sum / zs + (v != 0 && unit_T ? v / zs : acc_t(0));
       const acc_t c_1 = need_e1 ? v / z1 : acc_t(0);
-      const acc_t c_off = v * eps / static_cast<acc_t>(C);
+      const acc_t c_off = v * eps / static_cast<acc_t>(C) + c_tail;
       const acc_t* p_src = active > 1 ? acc_p : e_t;
       const acc_t c_p = active > 1 ? acc_t(1) : p_coef;
       const V vc_q(c_q), vc_1(c_1), vc_off(c_off), vc_p(c_p);
+      // With sparse teachers, k columns per teacher take a correction after the sweep: a
+      // reduced-precision row is first written in acc_t over e_s (each entry read before it is
+      // overwritten), corrected there and then rounded once.
+      constexpr bool kAccRow = std::is_same_v<scalar_t, acc_t>;
+      const bool buffered = !kAccRow && sparse_active > 0;
       for_blocks<acc_t>(C, [&](int64_t c, int64_t n) {
         V out = V::loadu(e_s + c, n) * vc_q - vc_off;
         if (active > 0) out = out - V::loadu(p_src + c, n) * vc_p;
         if (need_e1) out = out + V::loadu(e_1 + c, n) * vc_1;
-        store<scalar_t>(g + c, out, n);
+        if (buffered) {
+          out.store(e_s + c, n);
+        } else {
+          store<scalar_t>(g + c, out, n);
+        }
       });
-      if (v != 0) {  // the label's column, recomputed in acc_t so it is rounded only once
+      if (sparse_active > 0) {
+        acc_t* row = nullptr;  // the row in acc_t: the gradient itself, or e_s
+        if constexpr (kAccRow) {
+          row = g;
+        } else {
+          row = e_s;
+        }
+        if (v != 0) row[y] -= v * (acc_t(1) - eps);
+        for (int j = 0; j < J; ++j) {
+          const acc_t wj = w[K + j];
+          if (wj == 0) continue;
+          const int64_t kj = a.sparse_k[j];
+          const int32_t* ids = a.sparse_ids[j] + b * kj;
+          const acc_t* e_j = e_d + e_off[j];
+          for (int64_t i = 0; i < kj; ++i) {
+            row[ids[i]] += wj * (sp_p_tail[j] - e_j[i] * sp_inv_z[j]);
+          }
+        }
+        if constexpr (!kAccRow) {
+          for_blocks<acc_t>(C, [&](int64_t c, int64_t n) {
+            store<scalar_t>(g + c, V::loadu(e_s + c, n), n);
+          });
+        }
+      } else if (v != 0) {  // the label's column, recomputed in acc_t so it is rounded only once
         acc_t out = e_s[y] * c_q - c_off - v * (acc_t(1) - eps);
         if (active > 0) out -= p_src[y] * c_p;
         if (need_e1) out += e_1[y] * c_1;
@@ -337,11 +490,13 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(
     const std::optional<at::Tensor>& kd_row_weights,
     const std::optional<at::Tensor>& ce_row_weights, at::ArrayRef<double> kd_coefs,
     double ce_coef, double temperature, double label_smoothing, int64_t ignore_index,
-    bool per_row, bool compute_grad) {
+    bool per_row, bool compute_grad, at::TensorList sparse_ids, at::TensorList sparse_values,
+    at::TensorList sparse_tails) {
   KDLossBuffers out;
   const KDLossArgs a =
       prepare_kd_loss(student, teachers, labels, kd_row_weights, ce_row_weights, kd_coefs, ce_coef,
-                      temperature, label_smoothing, ignore_index, compute_grad, out);
+                      temperature, label_smoothing, ignore_index, compute_grad, sparse_ids,
+                      sparse_values, sparse_tails, out);
   if (labels.has_value()) {
     // Out-of-range labels are rejected here for every mode (CE or not); the kernel re-checks the
     // rows it reads.
@@ -352,7 +507,22 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(
                   ignore_index, "); row ", b, " has label ", y[b]);
     }
   }
-  FASTKD_CPU_DISPATCH_CALL(kd_loss_kernel, a, student.scalar_type(), teachers[0].scalar_type());
+  // Ids outside [0, C) are rejected here for every row, like labels (the kernel re-checks the
+  // rows it reads); one branch-free pass per teacher, the error's row found only on failure.
+  for (int j = 0; j < a.num_sparse; ++j) {
+    const int32_t* ids = a.sparse_ids[j];
+    const int64_t n = a.rows * a.sparse_k[j];
+    bool bad = false;
+    for (int64_t i = 0; i < n; ++i) bad |= ids[i] < 0 || ids[i] >= a.cols;
+    for (int64_t i = 0; bad && i < n; ++i) {
+      TORCH_CHECK(ids[i] >= 0 && ids[i] < a.cols, "fastkd: sparse_ids must be in [0, ", a.cols,
+                  "); sparse teacher ", j, " has id ", ids[i], " on row ", i / a.sparse_k[j]);
+    }
+  }
+  // With sparse teachers alone no dense teacher row is read: the student's type stands in.
+  const at::ScalarType teacher_dtype =
+      teachers.empty() ? student.scalar_type() : teachers[0].scalar_type();
+  FASTKD_CPU_DISPATCH_CALL(kd_loss_kernel, a, student.scalar_type(), teacher_dtype);
   if (per_row) return {out.row_loss, out.grad};
   // Row order, float64: the same bits whatever the number of threads.
   double total = 0;

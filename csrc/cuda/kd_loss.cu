@@ -39,7 +39,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
     const std::optional<at::Tensor>& kd_row_weights,
     const std::optional<at::Tensor>& ce_row_weights, at::ArrayRef<double> kd_coefs,
     double ce_coef, double temperature, double label_smoothing, int64_t ignore_index,
-    bool per_row, bool compute_grad) {
+    bool per_row, bool compute_grad, at::TensorList sparse_ids, at::TensorList sparse_values,
+    at::TensorList sparse_tails) {
   TORCH_CHECK(student.is_cuda(), "fastkd: kd_loss_fwd on CUDA needs a CUDA student, got ",
               student.device());
   TORCH_CHECK(student.scalar_type() != at::kDouble,
@@ -54,21 +55,27 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
   KDLossBuffers out;
   const KDLossArgs a =
       prepare_kd_loss(student, teachers, labels, kd_row_weights, ce_row_weights, kd_coefs, ce_coef,
-                      temperature, label_smoothing, ignore_index, compute_grad, out);
+                      temperature, label_smoothing, ignore_index, compute_grad, sparse_ids,
+                      sparse_values, sparse_tails, out);
+  TORCH_CHECK(a.num_sparse == 0, "fastkd: sparse teachers (sparse_ids) are not implemented by the "
+              "CUDA kernel yet; run them on the CPU backend");
   // Column indices inside a row are 32-bit (with headroom for a sweep's last step).
   TORCH_CHECK(a.cols <= (int64_t{1} << 30), "fastkd: the CUDA kernel takes at most 2^30 classes, "
               "got ", a.cols);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t outer = student.size(0);
+  // With sparse teachers alone there is no dense teacher row to read: any teacher type will do.
+  const at::ScalarType teacher_dtype =
+      teachers.empty() ? student.scalar_type() : teachers[0].scalar_type();
   switch (student.scalar_type()) {
     case at::kFloat:
-      launch_for_teacher<float>(a, outer, teachers[0].scalar_type(), stream);
+      launch_for_teacher<float>(a, outer, teacher_dtype, stream);
       break;
     case at::kBFloat16:
-      launch_for_teacher<c10::BFloat16>(a, outer, teachers[0].scalar_type(), stream);
+      launch_for_teacher<c10::BFloat16>(a, outer, teacher_dtype, stream);
       break;
     case at::kHalf:
-      launch_for_teacher<c10::Half>(a, outer, teachers[0].scalar_type(), stream);
+      launch_for_teacher<c10::Half>(a, outer, teacher_dtype, stream);
       break;
     default:
       TORCH_CHECK(false, "fastkd: unsupported student dtype ", student.scalar_type(), " on CUDA");
