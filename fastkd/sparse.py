@@ -186,7 +186,12 @@ class SparseTeacher:
         tail constant ``[rows]``, contiguous, values and tails in `dtype` (the accumulation dtype:
         float32, float64 for float64 students). A few O(rows * k) ops, no host sync."""
         k = self.k
-        ids = self.indices.reshape(-1, k).to(torch.int32).contiguous()
+        ids = self.indices.reshape(-1, k)
+        if ids.dtype != torch.int32:
+            # An int64 id past int32 would wrap into range: an id outside [0, C) becomes -1, which
+            # the backends refuse as they would the original.
+            ids = torch.where((ids >= 0) & (ids < classes), ids, -1).to(torch.int32)
+        ids = ids.contiguous()
         # Detached: a teacher never receives a gradient.
         values = self.values.detach().reshape(-1, k).to(dtype)
         log_values = values.log() if self.kind == "probs" else values

@@ -7,6 +7,12 @@ Variants (temperature 4 throughout):
 * ``guided``  -- guided KD: only rows whose teacher argmax equals the label count, divided by their
   number (labels agree with the teacher on about 70 % of rows).
 * ``cohort3`` -- KD summed over three teachers (a DIH-style cohort).
+* ``sparse64``, ``sparse32`` -- KD from a sparse teacher: the teacher's top 64 (32) classes as
+  float32 log-probabilities with int32 ids, tail ``"uniform"`` (``fastkd.SparseTeacher``). Peers:
+  ``fastkd-dense`` (fastkd on the dense teacher of the same rows), eager on the densified target
+  as people write it today (``full`` + ``scatter`` of the tail and the k values, ``log_softmax``,
+  ``kl_div``) and ``torch.compile`` of that. The issue's targets: ``sparse64`` at 4096x32000 fp32,
+  ``sparse32`` at 512x128256 bf16 next to ``plain``.
 
 Implementations: fastkd (backend ``auto``, plus each backend asked for), PyTorch eager written the
 way KD code usually is (``F.kl_div`` on two ``log_softmax`` with ``log_target=True``, times
@@ -18,6 +24,10 @@ Fewest bytes moved, for ``[rows, C]`` logits of element size ``e`` and ``k`` tea
     fwd    = rows * C * e * (1 + k)  (+ 8 * rows for int64 labels when the variant uses them)
     fwdbwd = fwd + rows * C * e      (the student's gradient, written once)
     bwd    = rows * C * e
+
+A sparse teacher replaces the teacher's ``C * e`` bytes per row by ``k * (4 + 4)`` (int32 id and
+float32 value), the teacher bytes per row that ``--list`` and the variant's description give; the
+dense peer moves more than this count, which its GB/s column then understates.
 """
 
 from __future__ import annotations
@@ -58,6 +68,8 @@ class Variant:
     alpha: float | None = None
     guided: bool = False
     teachers: int = 1
+    # Classes of the sparse teacher's top k (None: a dense teacher).
+    sparse_k: int | None = None
 
     @property
     def labels(self) -> bool:
@@ -69,7 +81,13 @@ VARIANTS = {
     "ce": Variant("0.9 * KD + 0.1 * cross-entropy on labels, T=4", alpha=0.9),
     "guided": Variant("guided KD: rows whose teacher is right count, T=4", guided=True),
     "cohort3": Variant("KD summed over 3 teachers, T=4", teachers=3),
+    "sparse64": Variant("KD from the teacher's top 64 classes (SparseTeacher, uniform tail), "
+                        "T=4; teacher read: 512 B/row", sparse_k=64),
+    "sparse32": Variant("KD from the teacher's top 32 classes (SparseTeacher, uniform tail), "
+                        "T=4; teacher read: 256 B/row", sparse_k=32),
 }
+# Bytes a sparse teacher's class id and value take (int32, float32).
+SPARSE_ENTRY_BYTES = 4 + 4
 
 
 def eager_kd(variant: Variant):
@@ -115,6 +133,35 @@ def liger_kd(variant: Variant):
     return kd_loss_liger
 
 
+def eager_sparse_kd(variant: Variant):
+    """KD from a sparse (top-k) teacher as people write it today: the densified target (the
+    uniform tail, then the k log-probabilities scattered over it), log_softmax, kl_div."""
+    T = variant.temperature
+
+    def kd_loss_eager_sparse(s: torch.Tensor, dense: torch.Tensor, ids: torch.Tensor,
+                             values: torch.Tensor) -> torch.Tensor:
+        classes, k = s.shape[-1], ids.shape[-1]
+        mass = (1.0 - values.exp().sum(-1, keepdim=True)).clamp_min(0.0)
+        tail = torch.log(mass / (classes - k))
+        d = tail.expand(-1, classes).scatter(-1, ids.long(), values)
+        log_q = F.log_softmax(s / T, dim=-1)
+        log_p = F.log_softmax(d / T, dim=-1)
+        return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) * (T * T)
+
+    return kd_loss_eager_sparse
+
+
+def fastkd_sparse_kd(variant: Variant, backend: str, dense: bool = False):
+    """fastkd on the sparse teacher, or (``dense``) on the dense teacher of the same rows."""
+
+    def kd_loss_fastkd_sparse(s: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor,
+                              values: torch.Tensor) -> torch.Tensor:
+        t = teacher if dense else fastkd.SparseTeacher(ids, values)
+        return fastkd.kd_loss(s, t, temperature=variant.temperature, backend=backend)
+
+    return kd_loss_fastkd_sparse
+
+
 def fastkd_kd(variant: Variant, backend: str):
     def kd_loss_fastkd(s: torch.Tensor, teachers: tuple, y: torch.Tensor | None) -> torch.Tensor:
         return fastkd.kd_loss(
@@ -148,6 +195,11 @@ class KDLossBench(LossBench):
 
         student = logits().requires_grad_(requires_grad)
         teachers = tuple(logits() for _ in range(v.teachers))
+        if v.sparse_k is not None:
+            top = fastkd.SparseTeacher.from_logits(teachers[0], v.sparse_k)
+            ids = top.indices.to(torch.int32)
+            return Inputs((student, teachers[0], ids, top.values),
+                          (student,) if requires_grad else ())
         labels = None
         if v.labels:
             random = torch.randint(0, classes, case.shape[:-1], generator=g, device=device)
@@ -158,11 +210,32 @@ class KDLossBench(LossBench):
     def impls(self, case: Case, sel: Selection) -> list[Impl | Skip]:
         v = VARIANTS[case.variant]
         probe = torch.empty(0, dtype=case.torch_dtype, device=sel.device)
+        if v.sparse_k is not None:
+            return self._sparse_impls(v, case, sel)
         return fastkd_impls(
             sel,
             lambda b: _choose_backend(probe, [probe] * v.teachers, b),
             lambda backend: fastkd_kd(v, backend),
         ) + peer_impls(self.name, sel, eager_kd(v), lambda: self._liger(v, sel.device))
+
+    def _sparse_impls(self, v: Variant, case: Case, sel: Selection) -> list[Impl | Skip]:
+        probe = torch.empty(1, case.shape[-1], dtype=case.torch_dtype, device=sel.device)
+        top = fastkd.SparseTeacher(
+            torch.zeros(1, min(v.sparse_k, case.shape[-1]), dtype=torch.int32, device=sel.device),
+            torch.zeros(1, min(v.sparse_k, case.shape[-1]), device=sel.device),
+        )
+        impls = fastkd_impls(
+            sel,
+            lambda b: _choose_backend(probe, [top], b),
+            lambda backend: fastkd_sparse_kd(v, backend),
+        )
+        try:
+            dense_backend = _choose_backend(probe, [probe], "auto")
+            impls.append(Impl("fastkd-dense", constant(fastkd_sparse_kd(v, dense_backend, True)),
+                              dense_backend))
+        except ValueError as e:
+            impls.append(Skip("fastkd-dense", str(e)))
+        return impls + peer_impls(self.name, sel, eager_sparse_kd(v), _no_sparse_liger)
 
     @staticmethod
     def _liger(v: Variant, device: str) -> Impl | Skip:
@@ -182,7 +255,11 @@ class KDLossBench(LossBench):
         tensor = case.numel * torch.tensor([], dtype=case.torch_dtype).element_size()
         if mode == "bwd":
             return tensor
-        fwd = tensor * (1 + v.teachers) + (LABEL_BYTES * rows if v.labels else 0)
+        if v.sparse_k is not None:
+            teacher = rows * min(v.sparse_k, case.shape[-1]) * SPARSE_ENTRY_BYTES
+        else:
+            teacher = tensor * v.teachers
+        fwd = tensor + teacher + (LABEL_BYTES * rows if v.labels else 0)
         if mode == "fwd":
             return fwd
         if mode == "fwdbwd":
@@ -193,6 +270,13 @@ class KDLossBench(LossBench):
         if case.numel > MAX_CHECKED_NUMEL:
             return None
         v = VARIANTS[case.variant]
+        if v.sparse_k is not None:
+            s, _, ids, values = inputs.args
+            with torch.no_grad():
+                loss = fastkd.reference.kd_loss_ref(
+                    s.detach(), fastkd.SparseTeacher(ids, values), temperature=v.temperature
+                )
+            return float(loss)
         s, teachers, labels = inputs.args
         with torch.no_grad():
             loss = fastkd.reference.kd_loss_ref(
@@ -204,6 +288,10 @@ class KDLossBench(LossBench):
                 guided=v.guided,
             )
         return float(loss)
+
+
+def _no_sparse_liger() -> Skip:
+    return Skip("liger", "Liger-Kernel has no sparse-teacher KD")
 
 
 BENCH = KDLossBench()

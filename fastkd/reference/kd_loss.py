@@ -132,7 +132,8 @@ def _densify(
     its ids are invalid (a bool scalar). Ids must lie in ``[0, C)`` and be distinct per row: on the
     CPU a violation raises (a ValueError naming the row; under torch.compile a RuntimeError), on
     other devices, where raising would need a host sync, the flag makes the loss NaN."""
-    ids, values, tails = teacher._for_kernel(classes, acc)
+    _, values, tails = teacher._for_kernel(classes, acc)
+    ids = teacher.indices.reshape(-1, teacher.k)
     in_range = (ids >= 0) & (ids < classes)
     ordered = ids.sort(-1).values
     repeated = ordered[:, 1:] == ordered[:, :-1]
