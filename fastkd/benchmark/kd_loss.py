@@ -9,10 +9,10 @@ Variants (temperature 4 throughout):
 * ``cohort3`` -- KD summed over three teachers (a DIH-style cohort).
 * ``sparse64``, ``sparse32`` -- KD from a sparse teacher: the teacher's top 64 (32) classes as
   float32 log-probabilities with int32 ids, tail ``"uniform"`` (``fastkd.SparseTeacher``). Peers:
-  ``fastkd-dense`` (fastkd on the dense teacher of the same rows), eager on the densified target
-  as people write it today (``full`` + ``scatter`` of the tail and the k values, ``log_softmax``,
-  ``kl_div``) and ``torch.compile`` of that. The issue's targets: ``sparse64`` at 4096x32000 fp32,
-  ``sparse32`` at 512x128256 bf16 next to ``plain``.
+  ``fastkd-dense`` (fastkd on the same target materialised as a dense teacher), eager on the
+  densified target as people write it today (``full`` + ``scatter`` of the tail and the k values,
+  ``log_softmax``, ``kl_div``) and ``torch.compile`` of that. The issue's targets: ``sparse64``
+  at 4096x32000 fp32, ``sparse32`` at 512x128256 bf16 next to ``plain``.
 
 Implementations: fastkd (backend ``auto``, plus each backend asked for), PyTorch eager written the
 way KD code usually is (``F.kl_div`` on two ``log_softmax`` with ``log_target=True``, times
@@ -198,7 +198,11 @@ class KDLossBench(LossBench):
         if v.sparse_k is not None:
             top = fastkd.SparseTeacher.from_logits(teachers[0], v.sparse_k)
             ids = top.indices.to(torch.int32)
-            return Inputs((student, teachers[0], ids, top.values),
+            # The dense peer reads the dense target of the same rows (the same loss).
+            _, _, tails = top._for_kernel(classes, torch.float32)
+            dense = tails.view(*case.shape[:-1], 1).expand(case.shape).scatter(-1, top.indices,
+                                                                                 top.values)
+            return Inputs((student, dense.to(case.torch_dtype), ids, top.values),
                           (student,) if requires_grad else ())
         labels = None
         if v.labels:
