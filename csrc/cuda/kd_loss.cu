@@ -57,8 +57,6 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
       prepare_kd_loss(student, teachers, labels, kd_row_weights, ce_row_weights, kd_coefs, ce_coef,
                       temperature, label_smoothing, ignore_index, compute_grad, sparse_ids,
                       sparse_values, sparse_tails, out);
-  TORCH_CHECK(a.num_sparse == 0, "fastkd: sparse teachers (sparse_ids) are not implemented by the "
-              "CUDA kernel yet; run them on the CPU backend");
   // Column indices inside a row are 32-bit (with headroom for a sweep's last step).
   TORCH_CHECK(a.cols <= (int64_t{1} << 30), "fastkd: the CUDA kernel takes at most 2^30 classes, "
               "got ", a.cols);

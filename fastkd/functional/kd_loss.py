@@ -55,7 +55,7 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")
 # (the "torch" backend always does: it densifies).
 SPARSE_SUPPORT: dict[str, str | None] = {
     "cpu": None,
-    "cuda": "sparse teachers are not implemented on this backend yet",
+    "cuda": None,
     "triton": "sparse teachers are not implemented on this backend yet",
 }
 
