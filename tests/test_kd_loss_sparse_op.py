@@ -458,15 +458,25 @@ def test_out_of_range_ids_raise_on_rows_of_weight_zero_and_in_any_teacher():
         ))
 
 
-def test_cuda_refuses_sparse_teachers_until_its_kernel_does():
-    """The CUDA launcher checks the same arguments and refuses sparse teachers with a clear
-    message (csrc/cuda/kd_loss.cu); without a CUDA build there is nothing to call."""
-    if not torch.cuda.is_available() or not fastkd._C.with_cuda:
-        pytest.skip("needs a CUDA GPU and the CUDA kernels")
-    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _args()]
-    args[12:] = [[t.cuda() for t in ts] for ts in args[12:]]
-    with pytest.raises(RuntimeError, match=r"sparse teachers \(sparse_ids\) are not implemented"):
-        torch.ops.fastkd.kd_loss_fwd(*args)
+@pytest.mark.skipif(not torch.cuda.is_available() or not fastkd._C.with_cuda,
+                    reason="needs a CUDA GPU and the CUDA kernels")
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_cuda_op_matches_the_contract(dtype):
+    """The same op on a GPU (the CUDA kernels): dense then sparse teachers, CE with smoothing."""
+    rows, classes = 23, 301
+    s = rows3d(rows, classes, dtype)
+    dense = [rows3d(rows, classes, dtype)]
+    sparse = [make_sparse(rows, classes, 17), make_sparse(rows, classes, 40, tail=NEG_INF)]
+    labels = torch.randint(0, classes, (rows,))
+    kd_rw = row_weights(3, rows, dtype)
+    coefs = [0.3, 1.2, 0.9]
+    want_loss, want_grad = contract(s, dense, sparse, labels, kd_rw, None, coefs, 0.4, 4.0, 0.1)
+    loss, grad = run_op(s.cuda(), [t.cuda() for t in dense],
+                        [tuple(x.cuda() for x in sp) for sp in sparse], labels=labels.cuda(),
+                        kd_rw=kd_rw.cuda(), kd_coefs=coefs, ce_coef=0.4, temperature=4.0,
+                        label_smoothing=0.1)
+    assert_loss_close(loss.cpu(), want_loss, dtype)
+    assert_grad_close(grad.cpu().reshape(want_grad.shape), want_grad, dtype)
 
 
 # --- torch.library.opcheck --------------------------------------------------------------------
