@@ -1,10 +1,17 @@
 """Triton helpers shared by the kernels that take up to four or eight tensors as separate
-arguments."""
+arguments, and the register budget every launcher passes."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+# Registers per thread that ptxas may use, passed as ``maxnreg`` by every launcher. Without a
+# budget ptxas trades a few spilled bytes for occupancy, differently per version and target
+# (tests/gpu_compile.py, ptxas -v: 4-88 bytes spilled at exactly 40 or 64 registers in KD
+# kernels of 16 warps and normalized feature-regression kernels of 8 warps, Triton 3.6 and 3.8,
+# sm_80 and sm_90). With the budget no kernel spills and none needs more than 128.
+MAXNREG = 128
 
 
 @triton.jit

@@ -31,11 +31,13 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .._inputs import same_layout, sample_blocked
-from ._common import pick
+from ._common import MAXNREG, pick
 
 MAX_PAIRS = 8
-EPS = 1e-12
-_HALF_MAX = 65504.0
+# Constants read inside @triton.jit functions must be tl.constexpr: compiled Triton rejects other
+# globals (the interpreter accepts them).
+EPS = tl.constexpr(1e-12)
+_HALF_MAX = tl.constexpr(65504.0)
 # Elements per program without normalisation: ITEM = _PLAIN_BLOCK * _PLAIN_BLOCKS.
 _PLAIN_BLOCK = 2048
 _PLAIN_BLOCKS = 4
@@ -106,11 +108,14 @@ def _normalized_sample(s_ptr, t_ptr, g_ptr, sample, D, scale, P: tl.constexpr,
         sb += b * b
     na = tl.sqrt_rn(tl.sum(sa, 0))
     nb = tl.sqrt_rn(tl.sum(sb, 0))
-    ia = 1.0 / tl.maximum(na, EPS)
+    # Correctly rounded divisions (div_rn): fp32 `/` compiles to the approximate div.full.f32,
+    # whose x / x need not be 1.
+    ia = tl.math.div_rn(1.0, tl.maximum(na, EPS))
     # d = (a - r b) / ||a|| with r = ||a|| / ||b||, not a / ||a|| - b / ||b||: a fused
     # multiply-subtract in the latter would make d nonzero for equal samples (sign(d) = +-1 where
-    # it must be 0); the former is exact there (r = 1).
-    r = tl.maximum(na, EPS) / tl.maximum(nb, EPS)
+    # it must be 0); the former is exact there (r = 1, exactly, as the division is correctly
+    # rounded), and for a student proportional to its teacher wherever r is exact.
+    r = tl.math.div_rn(tl.maximum(na, EPS), tl.maximum(nb, EPS))
 
     blocks = tl.cdiv(D, BLOCK)
     lsum = tl.zeros([BLOCK], dtype=tl.float32)
@@ -256,7 +261,10 @@ def feature_regression_fwd_triton(
         NORMALIZE=normalize,
         BLOCK=block,
         BLOCKS=blocks,
-        num_warps=8 if normalize else 4,
+        # 8 elements of a block per thread where blocks are widest (ptxas -v, Triton 3.6/3.8:
+        # 128 registers plain at 2048 with 4 warps, <= 96 normalized at 4096 with 8 warps).
+        num_warps=8 if normalize or block >= 2048 else 4,
+        maxnreg=MAXNREG,
     )
     loss = partials.sum()
     return loss, grads

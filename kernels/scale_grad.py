@@ -14,7 +14,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._common import MAXNREG
+
 _BLOCK = 4096
+# 16 elements per thread: ptxas -v (sm_90) counted up to 154 registers at 4 warps (32 elements
+# per thread, Triton's default), at most 96 at 8 warps (Triton 3.6 and 3.8).
+_NUM_WARPS = 8
 
 
 @triton.jit
@@ -47,5 +52,6 @@ def scale_grad_triton_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
             f"({n // row_len}), got shape {tuple(grad_output.shape)}"
         )
     wrap_triton(_scale_grad_kernel)[(triton.cdiv(n, _BLOCK),)](
-        grad, grad_output, n, row_len, PER_ROW=per_row, BLOCK=_BLOCK
+        grad, grad_output, n, row_len, PER_ROW=per_row, BLOCK=_BLOCK, num_warps=_NUM_WARPS,
+        maxnreg=MAXNREG,
     )
