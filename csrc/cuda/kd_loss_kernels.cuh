@@ -290,9 +290,14 @@ __device__ float sparse_teacher_loss(const KDLossArgs& a, int j, int64_t row, co
   // row's minus the ids'.
   const float n_tail = static_cast<float>(C - k);
   const float e_tail = n_tail > 0.0f ? __expf((tail - m) * inv_T) : 0.0f;
+  // With a finite tail, a masked (-inf) student logit among the ids makes both sums -inf and
+  // their difference NaN: the row's loss is NaN where the CPU kernel, which recounts the row,
+  // gives the true value (finite when the teacher's value there is -inf too, else +inf). A
+  // recount here pushed these kernels past their register budget (ptxas spilled on sm_80).
+  const float rest = s_rel - acc[2];
   const float z = acc[0] + n_tail * e_tail;
   float cross = acc[1];
-  if (e_tail > 0.0f) cross += e_tail * ((n_tail * (tail - m) - (s_rel - acc[2])) * inv_T);
+  if (e_tail > 0.0f) cross += e_tail * ((n_tail * (tail - m) - rest) * inv_T);
   r.m = m;
   r.inv_z = 1.0f / z;
   r.p_tail = e_tail * r.inv_z;
