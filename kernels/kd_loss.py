@@ -245,7 +245,14 @@ def kd_loss_fwd_triton(
     ignore_index: int,
     per_row: bool,
     compute_grad: bool,
+    sparse_ids: list[torch.Tensor],
+    sparse_values: list[torch.Tensor],
+    sparse_tails: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if sparse_ids:
+        raise NotImplementedError(
+            "fastkd: sparse teachers on the Triton backend are not implemented yet"
+        )
     outer, inner, classes = student.shape
     rows = outer * inner
     k = len(teachers)
