@@ -9,7 +9,14 @@ import os
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Set, not defaulted: a CI environment with TRITON_INTERPRET=0 would leave the "triton" entry
+    # of CPU_BACKENDS below without a way to run on this machine's CPU tensors.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+# FASTKD_BACKEND (read when fastkd is imported) would turn every backend="auto" call into that
+# backend, and the tests of what "auto" picks would check the environment instead. The tests that
+# check the variable itself set it in a subprocess of their own.
+os.environ.pop("FASTKD_BACKEND", None)
 
 from hypothesis import settings  # noqa: E402
 

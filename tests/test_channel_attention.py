@@ -321,10 +321,13 @@ def test_deterministic(backend):
     students = [feature_map(s, fmt="cl" if i else "nchw", seed=90 + i)
                 for i, s in enumerate(shapes)]
     teachers = [feature_map(s, seed=95 + i) for i, s in enumerate(shapes)]
-    loss1, grads1, _ = run(students, teachers, backend)
+    # Two threads at least, whatever the machine's core count or OMP_NUM_THREADS: with one, both
+    # runs would be single-threaded and nothing would be compared.
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
+        torch.set_num_threads(max(2, threads))
+        loss1, grads1, _ = run(students, teachers, backend)
+        torch.set_num_threads(1)
         loss2, grads2, _ = run(students, teachers, backend)
     finally:
         torch.set_num_threads(threads)
