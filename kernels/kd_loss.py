@@ -13,6 +13,27 @@ the student, then of each teacher, relative to the running maximum in logit unit
 before the 1/T scaling, so a large common offset costs no precision); sweep 2 writes the
 gradient. When ``C <= BLOCK_C`` a sweep is a single chunk and the re-read hits cache.
 Weights of exactly 0 skip the teacher's loads and contribute exactly 0 (no 0 * inf).
+
+Sparse (top-k) teachers (``NUM_S`` of them, after the ``NUM_T`` dense ones in the weights) stand
+for the dense logits ``d`` with ``d[ids] = values`` and ``d = tail`` elsewhere (csrc/kd_loss.h).
+Their terms come from the k entries, read in ``BLOCK_K``-wide chunks, the tail and the student's
+statistics (``m_s``, ``log z_q`` and ``sum_c (s_c - m_s)``, the last kept only when
+``NUM_S > 0``), relative to both maxima as in the CUDA kernel's ``sparse_teacher_loss``:
+
+    m = max(max_i v_i, tail), e = exp((d - m) / T), Z = sum_i e_i + (C - k) e_tail
+    KL = [sum_i e_i ((v_i - m) - (s[id_i] - m_s))
+          + e_tail ((C - k) (tail - m) - (sum_c (s_c - m_s) - sum_i (s[id_i] - m_s)))] / (T Z)
+         + log z_q - log Z
+    grad: w (q - p_tail) on every class (a per-row constant of sweep 2), then w (p_tail - p_i)
+          added at each id after the row's stores (a barrier before each teacher's fix-up: its
+          ids may have been stored by other threads, and two teachers' ids may overlap). A
+          float32 gradient takes it as a read-modify-write of the stored entry; a bf16/fp16 one
+          would be rounded twice that way, so the entry's float32 value is recomputed (the
+          sweep's operations) and the stored entry only contributes what earlier sparse teachers
+          added there.
+
+An id outside ``[0, C)`` raises on CPU tensors (the interpreter, like the C++ op); in a compiled
+kernel it makes the row's loss NaN and drops that entry's correction (no host sync).
 """
 
 from __future__ import annotations
@@ -57,7 +78,12 @@ def _kd_loss_fwd_kernel(
     labels_ptr, ce_rw_ptr, ce_coef,
     row_loss_ptr, grad_ptr,
     C, inner, temperature, label_smoothing,
+    i0, i1, i2, i3, i4, i5, i6, i7,
+    v0, v1, v2, v3, v4, v5, v6, v7,
+    l0, l1, l2, l3, l4, l5, l6, l7,
+    k0, k1, k2, k3, k4, k5, k6, k7,
     NUM_T: tl.constexpr,
+    NUM_S: tl.constexpr,
     HAS_KD_RW: tl.constexpr,
     HAS_CE: tl.constexpr,
     HAS_CE_RW: tl.constexpr,
@@ -65,6 +91,7 @@ def _kd_loss_fwd_kernel(
     SMOOTH: tl.constexpr,
     HAS_GRAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
@@ -79,6 +106,11 @@ def _kd_loss_fwd_kernel(
         if HAS_KD_RW:
             wk = wk * tl.load(kd_rw_ptr + k * kd_rw_stride + row)
         w = tl.where(kidx == k, wk, w)
+    for j in tl.static_range(NUM_S):
+        wk = pick(NUM_T + j, c0, c1, c2, c3, c4, c5, c6, c7)
+        if HAS_KD_RW:
+            wk = wk * tl.load(kd_rw_ptr + (NUM_T + j) * kd_rw_stride + row)
+        w = tl.where(kidx == NUM_T + j, wk, w)
     v = 0.0
     y = 0
     if HAS_CE:
@@ -95,6 +127,7 @@ def _kd_loss_fwd_kernel(
     z_q = 0.0
     z_1 = 0.0
     sum_s = 0.0
+    s_rel = 0.0  # sum (s - m_s), moved along with m_s (sparse teachers' tail term)
     m_raw = float("-inf")
     for start in range(0, C, BLOCK_C):
         mask = start + cols < C
@@ -107,6 +140,11 @@ def _kd_loss_fwd_kernel(
                 z_1 = _rescaled(z_1, m_s, m_new, 1.0) + tl.sum(tl.exp(x - m_new), 0)
             if SMOOTH:
                 sum_s += tl.sum(tl.where(mask, x, 0.0), 0)
+        if NUM_S > 0:
+            # The start classes summed so far move from m_s to m_new (0 when m_s is unchanged).
+            s_rel = s_rel + (m_s - m_new) * start + tl.sum(
+                tl.where(mask, x - m_new, 0.0), 0
+            )
         m_s = m_new
     log_zq = tl.log(z_q)
     log_z1 = log_zq
@@ -150,6 +188,66 @@ def _kd_loss_fwd_kernel(
             m_ts = tl.where(kidx == k, m_t, m_ts)
             log_zts = tl.where(kidx == k, log_zt, log_zts)
 
+    # Sparse teachers: two passes over the k entries (their maximum, then the sums relative to
+    # it), the student gathered at the ids. Per teacher, m, 1 / Z and p_tail are kept for the
+    # fix-up after the gradient sweep, and sum_j w_j p_tail_j joins the sweep's row constant.
+    c_tail = 0.0
+    bad_id = 0
+    # m, 1 / Z and p_tail of sparse teacher j at j, 8 + j and 16 + j of one vector (32 wide, a
+    # power of two): live across the gradient sweep in one register per thread. Three 8-wide
+    # vectors took three, and ptxas spilled 8 bytes (sm_90; 6 dense and 2 sparse teachers, CE,
+    # smoothing, row weights, C = 32000).
+    sidx = tl.arange(0, 4 * MAX_TEACHERS_C)
+    sp_stats = tl.zeros([4 * MAX_TEACHERS_C], dtype=tl.float32)
+    kcols = tl.arange(0, BLOCK_K)
+    for j in tl.static_range(NUM_S):
+        wk = tl.sum(tl.where(kidx == NUM_T + j, w, 0.0), 0)
+        if wk != 0.0:
+            kj = pick(j, k0, k1, k2, k3, k4, k5, k6, k7)
+            ids_row = pick(j, i0, i1, i2, i3, i4, i5, i6, i7) + row * kj
+            vals_row = pick(j, v0, v1, v2, v3, v4, v5, v6, v7) + row * kj
+            tail = tl.load(pick(j, l0, l1, l2, l3, l4, l5, l6, l7) + row)
+            n_tail = tl.cast(C - kj, tl.float32)
+            v_max = float("-inf")
+            n_bad = 0
+            for start in range(0, kj, BLOCK_K):
+                kmask = start + kcols < kj
+                vals = tl.load(vals_row + start + kcols, mask=kmask, other=float("-inf"))
+                ids = tl.load(ids_row + start + kcols, mask=kmask, other=0)
+                v_max = tl.maximum(v_max, tl.max(vals, 0))
+                n_bad += tl.sum(((ids < 0) | (ids >= C)).to(tl.int32), 0)
+            bad_id += n_bad
+            m_d = _finite_or_zero(tl.where(n_tail > 0.0, tl.maximum(v_max, tail), v_max))
+            z_ids = 0.0
+            cross = 0.0
+            at_ids = 0.0  # sum_i (s[id_i] - m_s)
+            for start in range(0, kj, BLOCK_K):
+                kmask = start + kcols < kj
+                vals = tl.load(vals_row + start + kcols, mask=kmask, other=float("-inf"))
+                ids = tl.load(ids_row + start + kcols, mask=kmask, other=0)
+                ok = kmask & (ids >= 0) & (ids < C)
+                xs = tl.load(s_row + tl.where(ok, ids, 0), mask=ok, other=0.0).to(tl.float32)
+                xs = tl.where(ok, xs - m_s, 0.0)
+                dv = vals - m_d
+                e = tl.exp(dv * inv_t)
+                z_ids += tl.sum(e, 0)
+                # p = 0 contributes 0 even where the difference is inf or NaN.
+                cross += tl.sum(tl.where(e > 0.0, e * ((dv - xs) * inv_t), 0.0), 0)
+                at_ids += tl.sum(xs, 0)
+            e_tail = tl.where(n_tail > 0.0, tl.exp((tail - m_d) * inv_t), 0.0)
+            z_d = z_ids + n_tail * e_tail
+            # The C - k tail classes: their s_c - m_s sum to the row's minus the ids'. A masked
+            # (-inf) student logit among the ids makes this NaN, as in the CUDA kernel.
+            rest = s_rel - at_ids
+            cross += tl.where(e_tail > 0.0, e_tail * ((n_tail * (tail - m_d) - rest) * inv_t), 0.0)
+            inv_z = tl.math.div_rn(1.0, z_d)  # fp32 `/` is the approximate div.full.f32
+            p_tail = e_tail * inv_z
+            loss += wk * temperature * (cross * inv_z + (log_zq - tl.log(z_d)))
+            c_tail += wk * p_tail
+            sp_stats = tl.where(sidx == j, m_d, sp_stats)
+            sp_stats = tl.where(sidx == MAX_TEACHERS_C + j, inv_z, sp_stats)
+            sp_stats = tl.where(sidx == 2 * MAX_TEACHERS_C + j, p_tail, sp_stats)
+
     eps = label_smoothing
     if HAS_CE:
         if v != 0.0:
@@ -164,6 +262,9 @@ def _kd_loss_fwd_kernel(
             # loss NaN, loudly, and its row's CE gradient is dropped.
             loss += tl.where(valid, v * ce, float("nan"))
             v = tl.where(valid, v, 0.0)
+    if NUM_S > 0:
+        # An id outside [0, C) cannot raise without a host sync: the row's loss is NaN.
+        loss = tl.where(bad_id != 0, float("nan"), loss)
     tl.store(row_loss_ptr + row, loss)
 
     if HAS_GRAD:
@@ -172,31 +273,94 @@ def _kd_loss_fwd_kernel(
         for start in range(0, C, BLOCK_C):
             offs = start + cols
             mask = offs < C
-            x = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            g = w_sum * tl.exp((x - m_s) * inv_t - log_zq)
-            if HAS_CE:
-                sm = tl.exp(x - m_s - log_z1)
-                target = eps / C + tl.where(offs == y, 1.0 - eps, 0.0)
-                g += v * (sm - target)
-            for k in tl.static_range(NUM_T):
-                # Branch-free: a teacher of weight 0 loads nothing (every lane masked off, so
-                # xt = -inf and its term is exactly 0 * 0). A branch here kept one predicate per
-                # teacher alive from sweep 1 to sweep 2, which ptxas spilled (sm_90, C = 1000).
-                wk = tl.sum(tl.where(kidx == k, w, 0.0), 0)
-                t_row = _row_ptr(
-                    pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
-                    pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
-                    pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
-                )
-                m_t = tl.sum(tl.where(kidx == k, m_ts, 0.0), 0)
-                log_zt = tl.sum(tl.where(kidx == k, log_zts, 0.0), 0)
-                live = mask & (tl.broadcast_to(wk, [BLOCK_C]) != 0.0)
-                xt = tl.load(t_row + offs, mask=live, other=float("-inf"))
-                g -= wk * tl.exp((xt.to(tl.float32) - m_t) * inv_t - log_zt)
-            # A row that counts nowhere gets exactly 0, even where its statistics are not finite.
-            g = tl.where((w_sum == 0.0) & (v == 0.0), 0.0, g)
+            g = _grad_at(
+                offs, mask, s_row, row, inner,
+                t0, t1, t2, t3, t4, t5, t6, t7,
+                so0, so1, so2, so3, so4, so5, so6, so7,
+                si0, si1, si2, si3, si4, si5, si6, si7,
+                w, kidx, m_ts, log_zts, w_sum, c_tail, m_s, log_zq, log_z1, inv_t, v, y, eps, C,
+                NUM_T, NUM_S, HAS_CE, BLOCK_C,
+            )
             tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        # Sparse teachers' ids, one teacher at a time, after the row's stores: w (p_tail - p_i)
+        # added to each entry. Branch-free like the dense teachers' terms: a teacher of weight 0
+        # touches nothing (every lane masked off).
+        for j in tl.static_range(NUM_S):
+            tl.debug_barrier()
+            wk = tl.sum(tl.where(kidx == NUM_T + j, w, 0.0), 0)
+            m_d = tl.sum(tl.where(sidx == j, sp_stats, 0.0), 0)
+            inv_z = tl.sum(tl.where(sidx == MAX_TEACHERS_C + j, sp_stats, 0.0), 0)
+            p_tail = tl.sum(tl.where(sidx == 2 * MAX_TEACHERS_C + j, sp_stats, 0.0), 0)
+            kj = pick(j, k0, k1, k2, k3, k4, k5, k6, k7)
+            ids_row = pick(j, i0, i1, i2, i3, i4, i5, i6, i7) + row * kj
+            vals_row = pick(j, v0, v1, v2, v3, v4, v5, v6, v7) + row * kj
+            for start in range(0, kj, BLOCK_K):
+                live = (start + kcols < kj) & (tl.broadcast_to(wk, [BLOCK_K]) != 0.0)
+                ids = tl.load(ids_row + start + kcols, mask=live, other=-1)
+                ok = live & (ids >= 0) & (ids < C)
+                ids = tl.where(ok, ids, 0)
+                vals = tl.load(vals_row + start + kcols, mask=ok, other=float("-inf"))
+                fix = wk * (p_tail - tl.exp((vals - m_d) * inv_t) * inv_z)
+                if grad_ptr.dtype.element_ty == tl.float32:
+                    old = tl.load(g_row + ids, mask=ok, other=0.0)
+                else:
+                    # A float32 read-modify-write of a bf16/fp16 entry would round it twice: the
+                    # sweep's value, whose q - p cancels at the teacher's likely classes, is
+                    # recomputed in float32 (the same operations, the same bits) and only what
+                    # earlier teachers added there (0 at ids no other teacher has) is taken
+                    # from the stored entry.
+                    base = _grad_at(
+                        ids, ok, s_row, row, inner,
+                        t0, t1, t2, t3, t4, t5, t6, t7,
+                        so0, so1, so2, so3, so4, so5, so6, so7,
+                        si0, si1, si2, si3, si4, si5, si6, si7,
+                        w, kidx, m_ts, log_zts, w_sum, c_tail, m_s, log_zq, log_z1, inv_t, v, y,
+                        eps, C, NUM_T, NUM_S, HAS_CE, BLOCK_K,
+                    )
+                    if j > 0:
+                        stored = tl.load(g_row + ids, mask=ok, other=0.0).to(tl.float32)
+                        fix += stored - base.to(grad_ptr.dtype.element_ty).to(tl.float32)
+                    old = base
+                tl.store(g_row + ids, (old + fix).to(grad_ptr.dtype.element_ty), mask=ok)
 
+
+@triton.jit
+def _grad_at(
+    offs, mask, s_row, row, inner,
+    t0, t1, t2, t3, t4, t5, t6, t7,
+    so0, so1, so2, so3, so4, so5, so6, so7,
+    si0, si1, si2, si3, si4, si5, si6, si7,
+    w, kidx, m_ts, log_zts, w_sum, c_tail, m_s, log_zq, log_z1, inv_t, v, y, eps, C,
+    NUM_T: tl.constexpr, NUM_S: tl.constexpr, HAS_CE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The row's gradient in float32 at the classes `offs` (lanes off `mask` unused), before
+    the sparse teachers' corrections at their ids: the gradient sweep, and the fix-up that
+    recomputes an entry."""
+    x = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    g = w_sum * tl.exp((x - m_s) * inv_t - log_zq)
+    if NUM_S > 0:
+        g -= c_tail
+    if HAS_CE:
+        sm = tl.exp(x - m_s - log_z1)
+        target = eps / C + tl.where(offs == y, 1.0 - eps, 0.0)
+        g += v * (sm - target)
+    for k in tl.static_range(NUM_T):
+        # Branch-free: a teacher of weight 0 loads nothing (every lane masked off, so xt = -inf
+        # and its term is exactly 0 * 0). A branch here kept one predicate per teacher alive
+        # from sweep 1 to sweep 2, which ptxas spilled (sm_90, C = 1000).
+        wk = tl.sum(tl.where(kidx == k, w, 0.0), 0)
+        t_row = _row_ptr(
+            pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
+            pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
+            pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
+        )
+        m_t = tl.sum(tl.where(kidx == k, m_ts, 0.0), 0)
+        log_zt = tl.sum(tl.where(kidx == k, log_zts, 0.0), 0)
+        live = mask & (tl.broadcast_to(wk, [BLOCK]) != 0.0)
+        xt = tl.load(t_row + offs, mask=live, other=float("-inf"))
+        g -= wk * tl.exp((xt.to(tl.float32) - m_t) * inv_t - log_zt)
+    # A row that counts nowhere gets exactly 0, even where its statistics are not finite.
+    return tl.where((w_sum == 0.0) & (v == 0.0), 0.0, g)
 
 
 def _block_c(classes: int) -> int:
@@ -231,6 +395,61 @@ def _check_labels_on_cpu(labels: torch.Tensor, classes: int, ignore_index: int) 
         )
 
 
+def _block_k(sparse_k: list[int]) -> int:
+    # The widest teacher's k entries in one chunk up to 1024; more stream in 1024-wide chunks.
+    return min(max(triton.next_power_of_2(max(sparse_k, default=1)), 16), 1024)
+
+
+def _check_sparse(
+    sparse_ids: list[torch.Tensor],
+    sparse_values: list[torch.Tensor],
+    sparse_tails: list[torch.Tensor],
+    rows: int,
+    classes: int,
+    device: torch.device,
+) -> None:
+    """The layout the kernel reads (csrc/kd_loss_op.h checks the same for the C++ op)."""
+    n = len(sparse_ids)
+    if len(sparse_values) != n or len(sparse_tails) != n:
+        raise ValueError(
+            "fastkd: sparse_ids, sparse_values and sparse_tails must hold one tensor per sparse "
+            f"teacher each, got {n}, {len(sparse_values)} and {len(sparse_tails)}"
+        )
+    lists = zip(sparse_ids, sparse_values, sparse_tails, strict=True)
+    for j, (ids, vals, tails) in enumerate(lists):
+        for name, t in (("sparse_ids", ids), ("sparse_values", vals), ("sparse_tails", tails)):
+            if t.device != device:
+                raise ValueError(f"fastkd: {name}[{j}] is on {t.device}, the student on {device}")
+        if (ids.dtype != torch.int32 or ids.dim() != 2 or ids.shape[0] != rows
+                or not 1 <= ids.shape[1] <= classes or not ids.is_contiguous()):
+            raise ValueError(
+                f"fastkd: sparse_ids[{j}] must be a contiguous int32 [{rows}, k] tensor with "
+                f"1 <= k <= {classes}, got {ids.dtype} {tuple(ids.shape)}"
+            )
+        if vals.dtype != torch.float32 or vals.shape != ids.shape or not vals.is_contiguous():
+            raise ValueError(
+                f"fastkd: sparse_values[{j}] must be a contiguous float32 tensor of the shape of "
+                f"sparse_ids[{j}] {tuple(ids.shape)}, got {vals.dtype} {tuple(vals.shape)}"
+            )
+        if tails.dtype != torch.float32 or tails.shape != (rows,) or not tails.is_contiguous():
+            raise ValueError(
+                f"fastkd: sparse_tails[{j}] must be a contiguous float32 vector of {rows} "
+                f"entries, got {tails.dtype} {tuple(tails.shape)}"
+            )
+
+
+def _check_ids_on_cpu(sparse_ids: list[torch.Tensor], classes: int) -> None:
+    # As the C++ op: an id outside [0, C) raises on CPU tensors (the interpreter).
+    for j, ids in enumerate(sparse_ids):
+        bad = (ids < 0) | (ids >= classes)
+        if bool(bad.any()):
+            row, i = (int(x) for x in bad.nonzero()[0])
+            raise RuntimeError(
+                f"fastkd: sparse_ids must be in [0, {classes}); sparse teacher {j} has id "
+                f"{int(ids[row, i])} on row {row}"
+            )
+
+
 @triton_op("fastkd::kd_loss_fwd_triton", mutates_args=())
 def kd_loss_fwd_triton(
     student: torch.Tensor,
@@ -249,27 +468,45 @@ def kd_loss_fwd_triton(
     sparse_values: list[torch.Tensor],
     sparse_tails: list[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if sparse_ids:
-        raise NotImplementedError(
-            "fastkd: sparse teachers on the Triton backend are not implemented yet"
-        )
     outer, inner, classes = student.shape
     rows = outer * inner
     k = len(teachers)
-    if not 1 <= k <= MAX_TEACHERS:
-        raise ValueError(f"fastkd: the Triton kernel takes 1 to {MAX_TEACHERS} teachers, got {k}")
-    if labels is not None and student.device.type == "cpu":
-        _check_labels_on_cpu(labels, classes, ignore_index)
+    num_s = len(sparse_ids)
+    if not 1 <= k + num_s <= MAX_TEACHERS:
+        raise ValueError(
+            f"fastkd: the Triton kernel takes 1 to {MAX_TEACHERS} teachers, got {k + num_s} "
+            f"({k} dense, {num_s} sparse)"
+        )
+    if len(kd_coefs) != k + num_s:
+        raise ValueError(
+            f"fastkd: kd_coefs must hold one value per teacher ({k + num_s}: {k} dense, then "
+            f"{num_s} sparse), got {len(kd_coefs)}"
+        )
+    _check_sparse(sparse_ids, sparse_values, sparse_tails, rows, classes, student.device)
+    if student.device.type == "cpu":
+        if labels is not None:
+            _check_labels_on_cpu(labels, classes, ignore_index)
+        _check_ids_on_cpu(sparse_ids, classes)
     row_loss = torch.empty(rows, device=student.device, dtype=torch.float32)
     if compute_grad:
         grad = torch.empty(student.shape, device=student.device, dtype=student.dtype)
     else:
         grad = torch.empty(0, device=student.device, dtype=student.dtype)
+    # Unused slots hold a tensor the kernel never reads: the first dense teacher (the student
+    # when there is none), the row losses for the sparse lists.
     pad = MAX_TEACHERS - k
-    ts = list(teachers) + [teachers[0]] * pad
+    ts = list(teachers) + [teachers[0] if teachers else student] * pad
     so = [t.stride(0) for t in teachers] + [0] * pad
     si = [t.stride(1) for t in teachers] + [0] * pad
-    coefs = [float(c) for c in kd_coefs] + [0.0] * pad
+    coefs = [float(c) for c in kd_coefs] + [0.0] * (MAX_TEACHERS - k - num_s)
+    pad_s = MAX_TEACHERS - num_s
+    sk = [int(i.shape[1]) for i in sparse_ids]
+    sparse_args = (
+        list(sparse_ids) + [row_loss] * pad_s,
+        list(sparse_values) + [row_loss] * pad_s,
+        list(sparse_tails) + [row_loss] * pad_s,
+        sk + [0] * pad_s,
+    )
     has_ce = ce_coef != 0.0
     wrap_triton(_kd_loss_fwd_kernel)[(rows,)](
         student, student.stride(0), student.stride(1),
@@ -281,7 +518,9 @@ def kd_loss_fwd_triton(
         float(ce_coef),
         row_loss, grad if compute_grad else row_loss,
         classes, inner, float(temperature), float(label_smoothing),
+        *(a for group in sparse_args for a in group),
         NUM_T=k,
+        NUM_S=num_s,
         HAS_KD_RW=kd_row_weights is not None,
         HAS_CE=has_ce,
         HAS_CE_RW=ce_row_weights is not None,
@@ -289,6 +528,7 @@ def kd_loss_fwd_triton(
         SMOOTH=has_ce and label_smoothing != 0.0,
         HAS_GRAD=compute_grad,
         BLOCK_C=_block_c(classes),
+        BLOCK_K=_block_k(sk),
         num_warps=_num_warps(_block_c(classes)),
         maxnreg=MAXNREG,
     )

@@ -56,7 +56,7 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")
 SPARSE_SUPPORT: dict[str, str | None] = {
     "cpu": None,
     "cuda": None,
-    "triton": "sparse teachers are not implemented on this backend yet",
+    "triton": None,
 }
 
 
