@@ -119,22 +119,29 @@ def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
     # ---- KD: BLOCK_C = next_pow2(C) clamped to [16, 4096]; C picks every block size, C == 1,
     # C not a multiple of 16, multi-chunk rows and the largest vocabulary.
     def kd_call(c, *, rows=4, inner=1, sdt=f32, tdts=(f32,), labels=False, kd_rw=False,
-                ce=0.0, ce_rw=False, t=2.0, smooth=0.0, grad=True, offset=False):
+                ce=0.0, ce_rw=False, t=2.0, smooth=0.0, grad=True, offset=False, sparse=()):
         outer = rows // inner
         s = torch.zeros(outer, inner, c + (1 if offset else 0), dtype=sdt)
         if offset:  # a slice one element in: pointer and row stride off 16-byte alignment
             s = s[..., 1:]
         ts = [torch.zeros(outer, inner, c, dtype=d) for d in tdts]
+        # Sparse teachers (after the dense ones), one k per teacher: ids [rows, k] int32 (in
+        # range: the launcher checks CPU tensors), values [rows, k] and tails [rows] float32.
+        ids = [torch.zeros(rows, k, dtype=torch.int32) for k in sparse]
+        values = [torch.zeros(rows, k) for k in sparse]
+        tails = [torch.zeros(rows) for _ in sparse]
+        n = len(ts) + len(sparse)
         y = torch.zeros(rows, dtype=torch.int64) if (labels or ce) else None
-        rw = torch.ones(rows).expand(len(ts), rows) if kd_rw else None
+        rw = torch.ones(rows).expand(n, rows) if kd_rw else None
         crw = torch.ones(rows) if ce_rw else None
-        return kd.kd_loss_fwd_triton(s, ts, y, rw, crw, [1.0] * len(ts), ce, t, smooth, -100,
-                                     False, grad, *kd_extra)
+        return kd.kd_loss_fwd_triton(s, ts, y, rw, crw, [1.0] * n, ce, t, smooth, -100,
+                                     False, grad, ids, values, tails)
 
-    # Optional trailing list arguments of the op (sparse teachers), empty: the dense kernel.
+    # The op's trailing lists are the sparse teachers' ids, values and tails.
     schema = kd.kd_loss_fwd_triton._opoverload._schema.arguments
-    kd_extra = [[] for a in schema[12:] if str(a.type) == "List[Tensor]"]
-    assert len(kd_extra) == len(schema) - 12, f"unexpected kd_loss_fwd_triton schema {schema}"
+    assert [a.name for a in schema[12:]] == ["sparse_ids", "sparse_values", "sparse_tails"], (
+        f"unexpected kd_loss_fwd_triton schema {schema}"
+    )
 
     def kd_case(label, c, **kw):
         return (f"kd {label} C={c}", lambda: kd_call(c, **kw))
@@ -169,6 +176,43 @@ def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
     for c in (1000, 32000):
         yield kd_case("inner > 1", c, rows=6, inner=3, **full)
         yield kd_case("unaligned student", c, offset=True, **full)
+
+    # ---- KD with sparse teachers (NUM_S > 0): BLOCK_K = next_pow2(max k) clamped to [16, 1024].
+    # Sparse counts 1..8 alone and after the most dense teachers that fit; every BLOCK_K, k == 1,
+    # k == C, k wider than one chunk; every chunk width; each option off from the full set.
+    def sp_case(label, c, ks, **kw):
+        return kd_case(f"{label}, sparse k={list(ks)}", c, sparse=tuple(ks), **kw)
+
+    heavy = dict(sdt=bf16, kd_rw=True, ce=0.5, ce_rw=True, smooth=0.1)
+    for c in (1000, 32000):
+        for ns in range(1, 9):
+            ks = [(7, 64, 300, 5, 1, 100, 40, 1000)[i] for i in range(ns)]
+            yield sp_case("no dense teacher", c, ks, tdts=())
+            yield sp_case(f"{8 - ns} dense teachers, CE, smoothing, row weights", c, ks,
+                          **dict(heavy, tdts=(bf16,) * (8 - ns)))
+            yield sp_case("no dense teacher, CE, smoothing, row weights, no grad", c, ks,
+                          **dict(heavy, tdts=(), grad=False))
+    for k in (1, 16, 17, 64, 100, 256, 500, 1000, 1024, 3000, 4096):
+        yield sp_case("1 dense teacher", 4096, [k])
+        yield sp_case("no dense teacher, CE, smoothing, row weights", 4096, [k, 5],
+                      **dict(heavy, tdts=()))
+    for c in (1, 17, 33, 100, 250, 500, 2000, 4096, 50257, 262144):
+        yield sp_case("no dense teacher, T=1, no grad", c, [min(c, 10)], tdts=(), t=1.0,
+                      grad=False)
+        yield sp_case("k == C", c, [c], tdts=(), t=1.0) if c <= 4096 else sp_case(
+            "k = 4096", c, [4096], tdts=())
+        yield sp_case("3 dense teachers, CE, smoothing, row weights", c, [min(c, 64), 1],
+                      **dict(heavy, tdts=(bf16,) * 3))
+    for opt, change in (("kd row weights", dict(kd_rw=False)),
+                        ("CE", dict(ce=0.0, ce_rw=False, smooth=0.0)),
+                        ("CE row weights", dict(ce_rw=False)), ("T != 1", dict(t=1.0)),
+                        ("smoothing", dict(smooth=0.0)), ("grad", dict(grad=False))):
+        yield sp_case(f"2 dense teachers, CE, smoothing, row weights, without {opt}", 32000,
+                      [64, 8], **dict(heavy, tdts=(f32, f16), **change))
+    for sdt in dtypes:
+        yield sp_case(f"{short[sdt]} student", 1000, [20], sdt=sdt, tdts=())
+    yield sp_case("inner > 1", 1000, [20, 3], rows=6, inner=3, **dict(heavy, tdts=(bf16,)))
+    yield sp_case("unaligned student", 1000, [20], offset=True, **dict(heavy, tdts=(f32,)))
 
     # ---- Feature regression: BLOCK = next_pow2(n) clamped to [16, 2048] (plain, n = numel) or
     # [16, 4096] (normalize, n = sample length); p, normalize, dtypes, layouts, pair counts,
