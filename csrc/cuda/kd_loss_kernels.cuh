@@ -42,6 +42,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "cuda/memory.cuh"
 #include "kd_loss.h"
@@ -305,11 +306,44 @@ __device__ float sparse_teacher_loss(const KDLossArgs& a, int j, int64_t row, co
   return w * T * (cross * r.inv_z + (log_zs - __logf(z)));
 }
 
+// The streaming kernel's gradient-sweep coefficients of a row, to recompute one entry.
+struct SweepCoefs {
+  float m_s, c_q, c_off, c_1, c_y;
+  int64_t y;
+  bool use_e1;
+  unsigned active;      // dense teachers with a nonzero weight
+  const float* t_coef;  // per dense teacher: w / z and its maximum (shared memory)
+  const float* t_ref;
+};
+
+// What the streaming kernel's gradient sweep wrote at class c, in float32 before rounding: the
+// same operations in the same order, so the same bits.
+template <typename S, typename Tt>
+__device__ float sweep_value(const KDLossArgs& a, int64_t row, const S* s_row, int c, float inv_T,
+                             const SweepCoefs& k) {
+  const float x = static_cast<float>(s_row[c]);
+  float o = __expf((x - k.m_s) * inv_T) * k.c_q - k.c_off;
+  if (k.use_e1) o += __expf(x - k.m_s) * k.c_1;
+  if (c == k.y) o -= k.c_y;
+  for (unsigned b = k.active; b != 0; b &= b - 1) {
+    const int t = __ffs(b) - 1;
+    const float xt = static_cast<float>(teacher_row<Tt>(a, t, row)[c]);
+    o -= k.t_coef[t] * __expf((xt - k.t_ref[t]) * inv_T);
+  }
+  return o;
+}
+
 // After the gradient sweep wrote w (q - p_tail) for this teacher everywhere: adds
-// w (p_tail - p_i) at its ids (in-range ones), each entry read, corrected in float32 and stored.
-template <typename S>
-__device__ void sparse_teacher_fixup(const KDLossArgs& a, int j, int64_t row, const SparseRow& r,
-                                     float inv_T, S* g_row, int lane, int threads) {
+// w (p_tail - p_i) at its in-range ids, each entry read, corrected in float32 and stored. With
+// `sweep` (the streaming kernel) a bf16/fp16 entry is not read back, which would round it twice
+// where q - p cancels (a teacher's likely classes): the sweep's float32 value is recomputed and
+// only what earlier sparse teachers added there (nothing, for the first) is taken from the stored
+// entry. The resident kernel reads back (a recompute there pushed it past its register budget:
+// ptxas spilled on sm_80), so its bf16/fp16 entries at the ids are rounded twice.
+template <typename S, typename Tt>
+__device__ void sparse_teacher_fixup(const KDLossArgs& a, int j, bool first, int64_t row,
+                                     const SparseRow& r, float inv_T, const S* s_row,
+                                     const SweepCoefs* sweep, S* g_row, int lane, int threads) {
   const int C = static_cast<int>(a.cols);
   const int64_t k = a.sparse_k[j];
   const int32_t* ids = a.sparse_ids[j] + row * k;
@@ -317,8 +351,16 @@ __device__ void sparse_teacher_fixup(const KDLossArgs& a, int j, int64_t row, co
   for (int64_t i = lane; i < k; i += threads) {
     const int id = ids[i];
     if (id < 0 || id >= C) continue;
-    const float p = __expf((vals[i] - r.m) * inv_T) * r.inv_z;
-    g_row[id] = static_cast<S>(static_cast<float>(g_row[id]) + r.w * (r.p_tail - p));
+    const float fix = r.w * (r.p_tail - __expf((vals[i] - r.m) * inv_T) * r.inv_z);
+    if (std::is_same_v<S, float> || sweep == nullptr) {
+      g_row[id] = static_cast<S>(static_cast<float>(g_row[id]) + fix);
+    } else {
+      const float base = sweep_value<S, Tt>(a, row, s_row, id, inv_T, *sweep);
+      const float earlier =
+          first ? 0.0f
+                : static_cast<float>(g_row[id]) - static_cast<float>(static_cast<S>(base));
+      g_row[id] = static_cast<S>(base + earlier + fix);
+    }
   }
 }
 
@@ -536,7 +578,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
       for (unsigned bits = p.sparse; bits != 0; bits &= bits - 1) {
         tpr == 32 ? __syncwarp() : __syncthreads();
         const int j = __ffs(bits) - 1;
-        sparse_teacher_fixup(a, j, row, sparse_rows[slot][j], inv_T, g_row, lane, tpr);
+        sparse_teacher_fixup<S, Tt>(a, j, false, row, sparse_rows[slot][j], inv_T, s_row, nullptr,
+                                    g_row, lane, tpr);
       }
       // No thread of the row reads sparse_rows any more when the next row overwrites it.
       if (p.sparse != 0) tpr == 32 ? __syncwarp() : __syncthreads();
@@ -811,11 +854,12 @@ __global__ void __launch_bounds__(kStreamThreads)
       }
       // The sparse teachers' ids, one teacher at a time (their ids may overlap), after the row's
       // stores. The next row's first writes to sparse_rows come after its reductions' barriers.
+      const SweepCoefs sweep{m_s, c_q, c_off, c_1, c_y, p.y, use_e1, p.active, t_coef, t_ref};
       for (unsigned sb = p.sparse; sb != 0; sb &= sb - 1) {
         __syncthreads();
         const int j = __ffs(sb) - 1;
-        sparse_teacher_fixup(a, j, row, sparse_rows[j], inv_T, g_row,
-                             static_cast<int>(threadIdx.x), kStreamThreads);
+        sparse_teacher_fixup<S, Tt>(a, j, sb == p.sparse, row, sparse_rows[j], inv_T, s_row,
+                                    &sweep, g_row, static_cast<int>(threadIdx.x), kStreamThreads);
       }
     }
   }
