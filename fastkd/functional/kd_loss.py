@@ -177,7 +177,7 @@ def _kd_loss(
             label_smoothing=label_smoothing, guided=guided, ignore_index=ignore_index,
             teacher_weights=weights, reduction=reduction,
         )
-        return _nan_if_labels_out_of_range(
+        return _nan_if_out_of_range(
             loss, labels, classes, ignore_index, [t.indices for t in sparse_teachers]
         )
 
@@ -225,10 +225,10 @@ def _kd_loss(
         loss, _ = fwd(s3, *args, False)
     if reduction == "none":
         loss = loss.view(student.shape[:-1])
-    return _nan_if_labels_out_of_range(loss, labels, classes, ignore_index, ids)
+    return _nan_if_out_of_range(loss, labels, classes, ignore_index, ids)
 
 
-def _nan_if_labels_out_of_range(
+def _nan_if_out_of_range(
     loss: torch.Tensor,
     labels: torch.Tensor | None,
     classes: int,
