@@ -33,9 +33,11 @@ DOC = ROOT / "docs" / "gpu_resources.md"
 KD_BLOCKS = {16, 32, 64, 128, 256, 512, 1024, 2048, 4096}
 REQUIRED = {
     "_kd_loss_fwd_kernel": {
-        "NUM_T": set(range(1, 9)), "BLOCK_C": KD_BLOCKS, "HAS_KD_RW": {False, True},
+        "NUM_T": set(range(0, 9)), "BLOCK_C": KD_BLOCKS, "HAS_KD_RW": {False, True},
         "HAS_CE": {False, True}, "HAS_CE_RW": {False, True}, "UNIT_T": {False, True},
         "SMOOTH": {False, True}, "HAS_GRAD": {False, True},
+        # Sparse teachers: none (the dense kernel) to eight, every chunk width of their k entries.
+        "NUM_S": set(range(0, 9)), "BLOCK_K": {16, 32, 64, 128, 256, 512, 1024},
     },
     "_feature_regression_fwd_kernel": {
         "NUM_PAIRS": set(range(1, 9)), "P": {1, 2}, "NORMALIZE": {False, True},
