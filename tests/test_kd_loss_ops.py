@@ -3,17 +3,11 @@ torch.compile(fullgraph=True), the C++ kernel's CPU-capability variants, FASTKD_
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import CPU_BACKENDS
 from kd_helpers import IGNORE, INTERPRETER_NOISE, _seed, make_inputs  # noqa: F401
-from machine import CPU_CAPABILITIES, skip_unless_cpu_runs
+from machine import CPU_CAPABILITIES, check_capability_variant, run_python
 from torch._inductor.compile_fx import compile_fx
 from torch.library import opcheck
 
@@ -22,7 +16,6 @@ import fastkd
 pytestmark = INTERPRETER_NOISE
 
 F64 = torch.float64
-TESTS = Path(__file__).parent
 
 # --- gradcheck --------------------------------------------------------------------------------
 
@@ -224,15 +217,6 @@ def test_compile_fullgraph_matches_eager(case):
 # --- C++ kernel capability variants, FASTKD_BACKEND (subprocesses) ----------------------------
 
 
-def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY",
-                                                                  "FASTKD_BACKEND")}
-    full_env.update(env)
-    full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), full_env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=full_env, cwd=TESTS, timeout=300)
-
-
 CAPABILITY_SCRIPT = """
     import torch
     from kd_helpers import check_against_reference, make_inputs
@@ -255,16 +239,11 @@ CAPABILITY_SCRIPT = """
 
 @pytest.mark.parametrize("capability", CPU_CAPABILITIES)
 def test_cpu_capability_variants_match_the_reference(capability):
-    skip_unless_cpu_runs(capability)
-    proc = _run_python(CAPABILITY_SCRIPT, ATEN_CPU_CAPABILITY=capability)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got, status = proc.stdout.split()[-2:]
-    assert got.lower() == capability
-    assert status == "ok"
+    check_capability_variant(CAPABILITY_SCRIPT, capability)
 
 
 def test_fastkd_backend_environment_variable():
-    proc = _run_python(
+    proc = run_python(
         """
         import torch
         import fastkd

@@ -11,16 +11,11 @@ fails.
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from kd_helpers import IGNORE, _seed  # noqa: F401  (autouse fixture)
-from machine import CPU_CAPABILITIES, skip_unless_cpu_runs
+from machine import CPU_CAPABILITIES, check_capability_variant
 from tolerances import assert_grad_close, assert_loss_close
 
 import fastkd  # noqa: F401  (loads the op's fake implementation)
@@ -28,7 +23,6 @@ from fastkd.ops import OnePassLoss
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 NEG_INF = float("-inf")
-TESTS = Path(__file__).parent
 
 
 # --- inputs and the float64 contract --------------------------------------------------------
@@ -561,19 +555,6 @@ CAPABILITY_SCRIPT = """
 """
 
 
-def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-    full_env.update(env)
-    full_env["PYTHONPATH"] = os.pathsep.join([str(TESTS), full_env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=full_env, cwd=TESTS, timeout=300)
-
-
 @pytest.mark.parametrize("capability", CPU_CAPABILITIES)
 def test_cpu_capability_variants(capability):
-    skip_unless_cpu_runs(capability)
-    proc = _run_python(CAPABILITY_SCRIPT, ATEN_CPU_CAPABILITY=capability)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got, status = proc.stdout.split()[-2:]
-    assert got.lower() == capability
-    assert status == "ok"
+    check_capability_variant(CAPABILITY_SCRIPT, capability)
