@@ -13,12 +13,14 @@ TORCH_LIBRARY(fastkd, m) {
   // pass per row. See csrc/kd_loss.h for the exact contract of every argument. Sparse (top-k)
   // teachers come after the dense ones in kd_coefs and kd_row_weights; `teachers` may be empty
   // when there is at least one sparse teacher. Tensor[] takes no default in a schema, so every
-  // caller passes the three sparse lists (empty lists: no sparse teacher).
+  // caller passes the three sparse lists (empty lists: no sparse teacher). `divergence` is a
+  // fastkd::Divergence code (0 forward KL, 1 reverse KL, 2 JSD(beta)).
   m.def(
       "kd_loss_fwd(Tensor student, Tensor[] teachers, Tensor? labels, Tensor? kd_row_weights, "
       "Tensor? ce_row_weights, float[] kd_coefs, float ce_coef, float temperature, "
       "float label_smoothing, int ignore_index, bool per_row, bool compute_grad, "
-      "Tensor[] sparse_ids, Tensor[] sparse_values, Tensor[] sparse_tails) "
+      "Tensor[] sparse_ids, Tensor[] sparse_values, Tensor[] sparse_tails, int divergence=0, "
+      "float beta=0.5) "
       "-> (Tensor loss, Tensor grad)");
   // Backward of every loss whose forward already wrote the gradient: grad *= grad_output, in
   // place, row by row when grad_output has one value per row. Does nothing when grad_output is a

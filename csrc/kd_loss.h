@@ -24,6 +24,10 @@ namespace fastkd {
 // fastkd._C.max_teachers (the Triton kernel has one pointer argument per teacher, t0..t7).
 constexpr int kMaxTeachers = 8;
 
+// The divergence between each teacher's p and the student's q (KDLossArgs::divergence). The
+// codes are the indices of fastkd.functional.kd_loss.DIVERGENCES.
+enum Divergence : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
+
 struct KDLossArgs {
   int64_t rows = 0;
   int64_t inner = 1;  // rows are [outer, inner]; see above
@@ -67,6 +71,18 @@ struct KDLossArgs {
   const void* sparse_values[kMaxTeachers] = {};  // [rows, k_j], contiguous, float32 (float64)
   const void* sparse_tails[kMaxTeachers] = {};   // [rows], float32 (float64 for float64 logits)
   int64_t sparse_k[kMaxTeachers] = {};
+  // Divergence of every teacher's term (dense and sparse alike), with D_k its value on row b:
+  //   kForwardKL: D = KL(p || q)            grad term  w (q - p)
+  //   kReverseKL: D = KL(q || p)            grad term  w q (lq - lp - D)          (l = log)
+  //   kJSD:       D = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+  //                                         grad term  w (1 - beta) q (lq - lm - KL(q || m))
+  // in loss_b = T * sum_k w_k * D_k + ...; each grad term is w dD/dz with z = s / T (the
+  // gradient of T w D with respect to s), as for forward KL, so kd_coef keeps its meaning. beta is
+  // read only for kJSD and lies in (0, 1). Entries with q = 0 (and p = 0) contribute exactly 0.
+  // Reverse KL against a teacher with p = 0 where q > 0 is +inf (a sparse teacher with a -inf
+  // tail is refused by the Python layer for that reason).
+  int divergence = kForwardKL;
+  double beta = 0.5;
   void* row_loss = nullptr;  // [rows], float32 (float64 for float64 inputs)
   void* grad = nullptr;      // contiguous [rows, cols] in the student's dtype, or nullptr
 };

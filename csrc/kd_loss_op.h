@@ -27,7 +27,8 @@ inline KDLossArgs prepare_kd_loss(const at::Tensor& student, at::TensorList teac
                                   at::ArrayRef<double> kd_coefs, double ce_coef, double temperature,
                                   double label_smoothing, int64_t ignore_index, bool compute_grad,
                                   at::TensorList sparse_ids, at::TensorList sparse_values,
-                                  at::TensorList sparse_tails, KDLossBuffers& out) {
+                                  at::TensorList sparse_tails, int64_t divergence, double beta,
+                                  KDLossBuffers& out) {
   check_rows3d(student, "student");
   const int64_t outer = student.size(0), inner = student.size(1), cols = student.size(2);
   const int64_t rows = outer * inner;
@@ -99,6 +100,11 @@ inline KDLossArgs prepare_kd_loss(const at::Tensor& student, at::TensorList teac
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
               "fastkd: label_smoothing must be in [0, 1], got ", label_smoothing);
   TORCH_CHECK(std::isfinite(ce_coef), "fastkd: ce_coef must be finite");
+  TORCH_CHECK(divergence == kForwardKL || divergence == kReverseKL || divergence == kJSD,
+              "fastkd: divergence must be 0 (forward KL), 1 (reverse KL) or 2 (JSD), got ",
+              divergence);
+  TORCH_CHECK(divergence != kJSD || (beta > 0.0 && beta < 1.0),
+              "fastkd: beta must be in (0, 1) for the JSD divergence, got ", beta);
   TORCH_CHECK(ce_coef == 0.0 || labels.has_value(), "fastkd: ce_coef != 0 needs labels");
   if (labels.has_value()) {
     const at::Tensor& y = *labels;
@@ -149,6 +155,8 @@ inline KDLossArgs prepare_kd_loss(const at::Tensor& student, at::TensorList teac
   a.temperature = temperature;
   a.label_smoothing = label_smoothing;
   a.ignore_index = ignore_index;
+  a.divergence = static_cast<int>(divergence);
+  a.beta = beta;
 
   out.row_loss = at::empty({rows}, student.options().dtype(acc_dtype));
   a.row_loss = out.row_loss.data_ptr();

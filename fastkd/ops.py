@@ -39,6 +39,7 @@ from .backends import triton_status
 def _kd_loss_fwd_fake(
     student, teachers, labels, kd_row_weights, ce_row_weights, kd_coefs, ce_coef, temperature,
     label_smoothing, ignore_index, per_row, compute_grad, sparse_ids, sparse_values, sparse_tails,
+    divergence=0, beta=0.5,
 ):
     rows = student.shape[0] * student.shape[1]
     dtype = torch.float64 if student.dtype == torch.float64 else torch.float32

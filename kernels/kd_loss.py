@@ -467,6 +467,8 @@ def kd_loss_fwd_triton(
     sparse_ids: list[torch.Tensor],
     sparse_values: list[torch.Tensor],
     sparse_tails: list[torch.Tensor],
+    divergence: int = 0,
+    beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     outer, inner, classes = student.shape
     rows = outer * inner
@@ -483,6 +485,8 @@ def kd_loss_fwd_triton(
             f"{num_s} sparse), got {len(kd_coefs)}"
         )
     _check_sparse(sparse_ids, sparse_values, sparse_tails, rows, classes, student.device)
+    if divergence != 0:
+        raise NotImplementedError("fastkd: the Triton kernel computes forward KL only")
     if student.device.type == "cpu":
         if labels is not None:
             _check_labels_on_cpu(labels, classes, ignore_index)

@@ -491,12 +491,12 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(
     const std::optional<at::Tensor>& ce_row_weights, at::ArrayRef<double> kd_coefs,
     double ce_coef, double temperature, double label_smoothing, int64_t ignore_index,
     bool per_row, bool compute_grad, at::TensorList sparse_ids, at::TensorList sparse_values,
-    at::TensorList sparse_tails) {
+    at::TensorList sparse_tails, int64_t divergence, double beta) {
   KDLossBuffers out;
   const KDLossArgs a =
       prepare_kd_loss(student, teachers, labels, kd_row_weights, ce_row_weights, kd_coefs, ce_coef,
                       temperature, label_smoothing, ignore_index, compute_grad, sparse_ids,
-                      sparse_values, sparse_tails, out);
+                      sparse_values, sparse_tails, divergence, beta, out);
   if (labels.has_value()) {
     // Out-of-range labels are rejected here for every mode (CE or not); the kernel re-checks the
     // rows it reads.

@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
     const std::optional<at::Tensor>& ce_row_weights, at::ArrayRef<double> kd_coefs,
     double ce_coef, double temperature, double label_smoothing, int64_t ignore_index,
     bool per_row, bool compute_grad, at::TensorList sparse_ids, at::TensorList sparse_values,
-    at::TensorList sparse_tails) {
+    at::TensorList sparse_tails, int64_t divergence, double beta) {
   TORCH_CHECK(student.is_cuda(), "fastkd: kd_loss_fwd on CUDA needs a CUDA student, got ",
               student.device());
   TORCH_CHECK(student.scalar_type() != at::kDouble,
@@ -51,12 +51,13 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
                 "fastkd: the CUDA kernel does not take float64 teacher logits; convert them to "
                 "float32 or run on the CPU backend");
   }
+  TORCH_CHECK(divergence == kForwardKL, "fastkd: the CUDA kernel computes forward KL only");
   c10::cuda::CUDAGuard guard(student.device());
   KDLossBuffers out;
   const KDLossArgs a =
       prepare_kd_loss(student, teachers, labels, kd_row_weights, ce_row_weights, kd_coefs, ce_coef,
                       temperature, label_smoothing, ignore_index, compute_grad, sparse_ids,
-                      sparse_values, sparse_tails, out);
+                      sparse_values, sparse_tails, divergence, beta, out);
   // Column indices inside a row are 32-bit (with headroom for a sweep's last step).
   TORCH_CHECK(a.cols <= (int64_t{1} << 30), "fastkd: the CUDA kernel takes at most 2^30 classes, "
               "got ", a.cols);

@@ -3,11 +3,18 @@
 For rows ``b`` (leading dims of ``[..., C]`` logits flattened), ``q = softmax(s / T)`` and, per
 teacher ``k``, ``p_k = softmax(t_k / T)``::
 
-    KD_k = T^2 * sum_{b in R_k} KL(p_kb || q_b) / |R_k|          (reduction="batchmean")
+    KD_k = T^2 * sum_{b in R_k} D(p_kb, q_b) / |R_k|              (reduction="batchmean")
     loss = alpha * sum_k w_k * KD_k + (1 - alpha) * CE(s, y)        (alpha given)
     loss = sum_k w_k * KD_k                                          (alpha=None)
-    d loss / d s_b = alpha * T * sum_k w_k [b in R_k] (q_b - p_kb) / |R_k|
+    d loss / d s_b = alpha * T * sum_k w_k [b in R_k] dD(p_kb, q_b)/dz / |R_k|   (z = s_b / T)
                      + (1 - alpha) [b counted] (softmax(s_b) - target_b) / |counted|
+
+The divergence ``D`` is, with ``m = beta * p + (1 - beta) * q`` and ``l = log``::
+
+    "forward_kl" (default)  KL(p || q)                              dD/dz = q - p
+    "reverse_kl"            KL(q || p)                              dD/dz = q (lq - lp - D)
+    "jsd"                   beta KL(p || m) + (1 - beta) KL(q || m)
+                            dD/dz = (1 - beta) q (lq - lm - KL(q || m))
 
 ``R_k`` are the counted rows (label != ignore_index; all rows without labels), restricted with
 ``guided=True`` to the rows where teacher ``k``'s argmax equals the label (GKD, Zhou et al. 2020);
@@ -49,6 +56,8 @@ from ..ops import OnePassLoss
 from ..sparse import SparseTeacher
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
+# The divergences, in the order of the kernels' codes (fastkd::Divergence in csrc/kd_loss.h).
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 # Whether each compiled backend's kd_loss op takes sparse teachers (fastkd.SparseTeacher): None
 # when it does, else why not. The one switch to flip when a backend's kernel implements them
@@ -72,10 +81,14 @@ def kd_loss(
     ignore_index: int = -100,
     teacher_weights: Sequence[float] | None = None,
     reduction: str = "batchmean",
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Knowledge-distillation loss ``T^2 KL(softmax(t/T) || softmax(s/T))``, optionally mixed
-    with hard-label cross-entropy, guided (GKD) and summed over a teacher cohort.
+    with hard-label cross-entropy, guided (GKD) and summed over a teacher cohort; the KL may be
+    replaced by reverse KL or the generalised Jensen-Shannon divergence (on-policy LM
+    distillation).
 
     Args:
         student_logits: ``[..., C]`` float32/bfloat16/float16 (float64 on CPU) logits.
@@ -95,6 +108,15 @@ def kd_loss(
         ignore_index: label value whose rows count nowhere.
         teacher_weights: one non-negative weight per teacher (default all 1.0).
         reduction: ``"batchmean"`` (default), ``"sum"``, ``"mean"`` or ``"none"``.
+        divergence: ``"forward_kl"`` (default) ``KL(p || q)``, ``"reverse_kl"`` ``KL(q || p)``,
+            or ``"jsd"``: ``beta KL(p || m) + (1 - beta) KL(q || m)`` with
+            ``m = beta p + (1 - beta) q`` (``p`` the teacher's and ``q`` the student's softmax at
+            ``T``), each times ``T^2``. ``"jsd"`` is TRL's ``generalized_jsd_loss`` (and
+            Liger-Kernel's JSD) for ``0 < beta < 1``, which omit the ``T^2``: divide by ``T^2`` to
+            compare. Reverse KL is infinite where the teacher gives probability 0 to a class the
+            student does not, so a sparse teacher with ``tail="none"`` is refused with it.
+        beta: the JSD's mixing weight, in ``(0, 1)`` (its limits are the KLs: use
+            ``divergence="forward_kl"`` or ``"reverse_kl"`` for them); read only by ``"jsd"``.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
 
     Returns:
@@ -104,7 +126,7 @@ def kd_loss(
     options = _check_options(
         temperature=temperature, alpha=alpha, label_smoothing=label_smoothing, guided=guided,
         ignore_index=ignore_index, teacher_weights=teacher_weights, reduction=reduction,
-        backend=backend,
+        divergence=divergence, beta=beta, backend=backend,
     )
     return _kd_loss(student_logits, teacher_logits, labels, **options)
 
@@ -118,6 +140,8 @@ def _check_options(
     ignore_index: int,
     teacher_weights: Sequence[float] | None,
     reduction: str,
+    divergence: str,
+    beta: float,
     backend: str,
 ) -> dict:
     """The keyword arguments of `kd_loss`, checked, as `_kd_loss` takes them (the teacher
@@ -134,6 +158,13 @@ def _check_options(
         raise TypeError(f"guided must be a bool, got {type(guided).__name__}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    divergence = check_choice(divergence, "divergence", DIVERGENCES)
+    beta = check_real(beta, "beta", low=0.0, low_open=True)
+    if beta >= 1.0:
+        raise ValueError(
+            f"beta must be < 1, got {beta} (the limits beta -> 0 and 1 of the JSD are the KLs: "
+            "use divergence='forward_kl' or 'reverse_kl')"
+        )
     return {
         "temperature": temperature,
         "alpha": alpha,
@@ -142,6 +173,8 @@ def _check_options(
         "ignore_index": ignore_index,
         "teacher_weights": check_weights(teacher_weights, "teacher_weights"),
         "reduction": check_choice(reduction, "reduction", REDUCTIONS),
+        "divergence": divergence,
+        "beta": beta,
         "backend": check_choice(backend, "backend", backends.CHOICES),
     }
 
@@ -158,6 +191,8 @@ def _kd_loss(
     ignore_index: int,
     teacher_weights: list[float] | None,
     reduction: str,
+    divergence: str,
+    beta: float,
     backend: str,
 ) -> torch.Tensor:
     """`kd_loss` with keyword arguments that `_check_options` returned (``fastkd.nn.KDLoss``
@@ -168,6 +203,8 @@ def _kd_loss(
     weights = weights_for(teacher_weights, len(teachers), "teacher_weights", "teacher")
     classes = student.shape[-1]
     sparse_teachers = [t for t in teachers if isinstance(t, SparseTeacher)]
+    if divergence == "reverse_kl":
+        _refuse_zero_tails(sparse_teachers, classes, len(teachers))
     chosen = _choose_backend(student, teachers, backend)
     if chosen == "torch":
         from ..reference import kd_loss_ref
@@ -175,7 +212,7 @@ def _kd_loss(
         loss = kd_loss_ref(
             student, teachers, labels, temperature=temperature, alpha=alpha,
             label_smoothing=label_smoothing, guided=guided, ignore_index=ignore_index,
-            teacher_weights=weights, reduction=reduction,
+            teacher_weights=weights, reduction=reduction, divergence=divergence, beta=beta,
         )
         return _nan_if_out_of_range(
             loss, labels, classes, ignore_index, [t.indices for t in sparse_teachers]
@@ -214,7 +251,10 @@ def _kd_loss(
         op, scale = torch.ops.fastkd.kd_loss_fwd, torch.ops.fastkd.scale_grad_
     # The sparse teachers' ids, values and tails follow compute_grad in the op's schema, which
     # OnePassLoss appends to `args`: they are bound by name.
-    fwd = functools.partial(op, sparse_ids=ids, sparse_values=values, sparse_tails=tails)
+    fwd = functools.partial(
+        op, sparse_ids=ids, sparse_values=values, sparse_tails=tails,
+        divergence=DIVERGENCES.index(divergence), beta=float(beta),
+    )
     args = (
         t3, y, kd_row_weights, ce_row_weights, kd_coefs, ce_coef, float(temperature),
         float(label_smoothing), int(ignore_index), reduction == "none",
@@ -226,6 +266,19 @@ def _kd_loss(
     if reduction == "none":
         loss = loss.view(student.shape[:-1])
     return _nan_if_out_of_range(loss, labels, classes, ignore_index, ids)
+
+
+def _refuse_zero_tails(sparse_teachers: list[SparseTeacher], classes: int, count: int) -> None:
+    """Reverse KL sums q log(q / p) over every class: a sparse teacher whose tail has probability
+    0 (``tail="none"``) makes it infinite wherever the student puts mass outside the k classes."""
+    for t in sparse_teachers:
+        if t.tail == "none" and t.k < classes:
+            which = "teacher_logits" if count == 1 else "a SparseTeacher in teacher_logits"
+            raise ValueError(
+                f"divergence='reverse_kl' is infinite against {which} with tail='none' "
+                "(probability 0 outside its k classes, where the student's is positive): give it "
+                "tail='uniform' (values as log_probs or probs), or use 'forward_kl' or 'jsd'"
+            )
 
 
 def _nan_if_out_of_range(

@@ -12,7 +12,8 @@ from ..sparse import SparseTeacher
 
 class KDLoss(torch.nn.Module):
     """Knowledge-distillation loss ``T^2 KL(softmax(t/T) || softmax(s/T))``, optionally mixed
-    with hard-label cross-entropy (``alpha``), guided (GKD) or over a teacher cohort.
+    with hard-label cross-entropy (``alpha``), guided (GKD) or over a teacher cohort; reverse KL
+    or JSD(beta) in place of the KL with ``divergence``.
 
     Hyper-parameters are checked here, once, by the checks of :func:`fastkd.kd_loss` (see it for
     their meaning); each call checks only its tensors. The teacher may be a tensor, a
@@ -34,13 +35,15 @@ class KDLoss(torch.nn.Module):
         ignore_index: int = -100,
         teacher_weights: Sequence[float] | None = None,
         reduction: str = "batchmean",
+        divergence: str = "forward_kl",
+        beta: float = 0.5,
         backend: str = "auto",
     ) -> None:
         super().__init__()
         options = _check_options(
             temperature=temperature, alpha=alpha, label_smoothing=label_smoothing, guided=guided,
             ignore_index=ignore_index, teacher_weights=teacher_weights, reduction=reduction,
-            backend=backend,
+            divergence=divergence, beta=beta, backend=backend,
         )
         self.temperature: float = options["temperature"]
         self.alpha: float | None = options["alpha"]
@@ -49,6 +52,8 @@ class KDLoss(torch.nn.Module):
         self.ignore_index: int = options["ignore_index"]
         self.teacher_weights: list[float] | None = options["teacher_weights"]
         self.reduction: str = options["reduction"]
+        self.divergence: str = options["divergence"]
+        self.beta: float = options["beta"]
         self.backend: str = options["backend"]
 
     def forward(
@@ -68,6 +73,8 @@ class KDLoss(torch.nn.Module):
             ignore_index=self.ignore_index,
             teacher_weights=self.teacher_weights,
             reduction=self.reduction,
+            divergence=self.divergence,
+            beta=self.beta,
             backend=self.backend,
         )
 
@@ -83,6 +90,10 @@ class KDLoss(torch.nn.Module):
             parts.append(f"teacher_weights={self.teacher_weights}")
         if self.reduction != "batchmean":
             parts.append(f"reduction={self.reduction!r}")
+        if self.divergence != "forward_kl":
+            parts.append(f"divergence={self.divergence!r}")
+        if self.divergence == "jsd":
+            parts.append(f"beta={self.beta}")
         if self.backend != "auto":
             parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)

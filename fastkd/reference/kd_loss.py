@@ -36,6 +36,8 @@ def kd_loss_ref(
     ignore_index: int = -100,
     teacher_weights: Sequence[float] | None = None,
     reduction: str = "batchmean",
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
 ) -> torch.Tensor:
     """Same arguments and result as :func:`fastkd.kd_loss` (computed in float32, or float64 for
     float64 inputs); differentiable through autograd. A `SparseTeacher` is densified (in that
@@ -103,9 +105,11 @@ def kd_loss_ref(
         # out (p = 0, e.g. -inf logits) contribute nothing; tested as p == 0, not p > 0, so that a
         # NaN p still makes the row NaN.
         rel = (t - m_t[:, None]) - (s - m_s[:, None])
-        cross = torch.where(p == 0, 0.0, p * rel).sum(-1) / T
-        kl = cross + (log_zs - log_zt)
-        term = torch.where(kept, T * T * kl, 0.0)
+        if divergence == "forward_kl":
+            div = torch.where(p == 0, 0.0, p * rel).sum(-1) / T + (log_zs - log_zt)
+        else:
+            div = _other_divergence(divergence, beta, p, rel, s, m_s, log_zs, log_zt, T)
+        term = torch.where(kept, T * T * div, 0.0)
         per_row = per_row + kd_weight * w * term
         total = total + kd_weight * w * reduce(term, kept, per_class=True)
 
@@ -123,6 +127,36 @@ def kd_loss_ref(
     result = per_row.view(lead) if reduction == "none" else total
     # Invalid ids of a sparse teacher on a GPU (the CPU raised): the loss is NaN, as for labels.
     return result + torch.where(invalid, torch.nan, 0.0)
+
+
+def _other_divergence(
+    divergence: str,
+    beta: float,
+    p: torch.Tensor,
+    rel: torch.Tensor,
+    s: torch.Tensor,
+    m_s: torch.Tensor,
+    log_zs: torch.Tensor,
+    log_zt: torch.Tensor,
+    T: float,
+) -> torch.Tensor:
+    """Per row, KL(q || p) (``"reverse_kl"``) or beta KL(p || m) + (1 - beta) KL(q || m)
+    (``"jsd"``, m = beta p + (1 - beta) q), from the teacher's p, rel = (t - m_t) - (s - m_s) and
+    the student's statistics. Terms whose weight (q, or p) is 0 contribute exactly 0, and the
+    ``where``s take such entries out of the values they multiply too, so that the gradient of an
+    unused inf or NaN is not 0 * inf = NaN."""
+    log_q = (s - m_s[:, None]) / T - log_zs[:, None]
+    q = torch.exp(log_q)
+    if divergence == "reverse_kl":
+        # KL(q || p) = sum_c q_c (-rel_c) / T + log z_t - log z_s (the maxima cancel as sum q = 1).
+        neg_rel = torch.where(q == 0, 0.0, -rel)
+        return (q * neg_rel).sum(-1) / T + (log_zt - log_zs)
+    m = beta * p + (1.0 - beta) * q
+    log_m = torch.log(torch.where(m > 0, m, 1.0))
+    log_p = torch.where(p == 0, 0.0, torch.log(torch.where(p == 0, 1.0, p)))
+    kl_pm = (p * torch.where(p == 0, 0.0, log_p - log_m)).sum(-1)
+    kl_qm = (q * torch.where(q == 0, 0.0, log_q - log_m)).sum(-1)
+    return beta * kl_pm + (1.0 - beta) * kl_qm
 
 
 def _densify(
