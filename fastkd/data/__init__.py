@@ -1,6 +1,7 @@
 """Data for the trainer: the embedded digits and ImageNet-layout folders, with samplers that make
 the data stream a pure function of (seed, epoch) so runs resume exactly."""
 
+from .augment import CropFlip, SeededCropFlip, augmentation_key
 from .digits import (
     IMAGE_SHAPE,
     NUM_CLASSES,
@@ -14,6 +15,9 @@ from .sampling import ResumableDistributedSampler, SeededAugmentation, ShardSamp
 from .synthetic import SyntheticImages
 
 __all__ = [
+    "CropFlip",
+    "SeededCropFlip",
+    "augmentation_key",
     "BatchedTensorDataset",
     "collate_batch",
     "IMAGE_SHAPE",

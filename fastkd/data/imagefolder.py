@@ -43,3 +43,17 @@ def build_imagefolder(root: str, image_size: int = 224):
             f"{only_train[:5]}, only in val: {only_val[:5]}"
         )
     return train, val, train.classes
+
+
+def raw_train_folder(root: str):
+    """(train set without its random transform, what follows the crop and flip): the training
+    images as PIL images and ``ToTensor`` + ``Normalize``, for a teacher store's replay."""
+    from torchvision import datasets, transforms
+
+    try:
+        train = datasets.ImageFolder(str(Path(root) / "train"))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ValueError(f"--data {root}: {e}") from e
+    post = transforms.Compose([transforms.ToTensor(),
+                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return train, post

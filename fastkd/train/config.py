@@ -130,6 +130,19 @@ class Config:
     image_size: int = option(DATA, 224, (
         "--data: training crop size; validation resizes to size*256/224 and center-crops size"),
         at_least=1)
+    augment: bool = option(DATA, False, (
+        "embedded digits: train on a random resized crop (at least half the image, back to 8x8) "
+        "+ horizontal flip of each image, drawn from (seed, epoch, image). --data folders are "
+        "always augmented (RandomResizedCrop + flip), --data synthetic never"))
+    teacher_store: str | None = option(DATA, None, (
+        "train from a teacher-output store built by `python -m fastkd.train store build` (kd, "
+        "topk, dih): no teacher in the training loop; each epoch every image replays one of its "
+        "stored crops and the loss reads the teacher's stored top-k log-probabilities (uniform "
+        "tail). Refused when it does not match the run's data, teacher or --topk"),
+        metavar="DIR")
+    crops: int = option(DATA, 8, (
+        "store build: augmentations (crop box + flip) drawn and stored per training image"),
+        at_least=1)
     teacher: str | None = option(DATA, None, (
         f"teacher model: '{BUILTIN_TEACHER}' (embedded data) or a torchvision classification "
         "model name such as resnet34 (built with weights=None). Default: the built-in teacher on "
@@ -211,7 +224,9 @@ class Config:
     nd_block_epochs: int | None = option(METHOD, None, (
         "nd: of the --epochs, those training the student stages independently (default 50%%); "
         "the rest fine-tune the stacked student end to end with KD"), at_least=1)
-    topk: int = option(METHOD, 3, "topk: teacher probabilities kept per row", at_least=1)
+    topk: int = option(METHOD, 3, (
+        "topk: teacher probabilities kept per row; store build: the teacher's classes stored per "
+        "crop (10 is FKD's choice for ImageNet)"), at_least=1)
     # Speed and scale.
     device: str = option(SPEED, "auto", (
         "auto: CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU"), choices=DEVICES,
@@ -516,16 +531,21 @@ def _resolve_data(cfg: Config) -> None:
                 raise ConfigError(
                     "--data needs --teacher (a torchvision model name, e.g. resnet34)"
                 )
-            if not cfg.teacher_weights and not synthetic:
+            if not cfg.teacher_weights and not synthetic and cfg.teacher_store is None:
                 raise ConfigError(
-                    f"--method {cfg.method} with --data needs --teacher-weights PATH: teacher "
-                    "weights are never downloaded"
+                    f"--method {cfg.method} with --data needs --teacher-weights PATH (or a "
+                    "--teacher-store): teacher weights are never downloaded"
                 )
         if cfg.train_fraction != 1.0:
             raise ConfigError("--train-fraction applies to the embedded data only")
+        if cfg.augment:
+            raise ConfigError("--augment applies to the embedded digits; --data folders are "
+                              "always augmented and --data synthetic never is")
     else:
         cfg.teacher = cfg.teacher or BUILTIN_TEACHER
         cfg.student = cfg.student or BUILTIN_STUDENT
+    if cfg.teacher_store is not None and not Path(cfg.teacher_store).is_dir():
+        raise ConfigError(f"--teacher-store: no such directory: {cfg.teacher_store}")
     for path in cfg.teacher_weights:
         if not Path(path).is_file():
             raise ConfigError(f"--teacher-weights: no such file: {path}")

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
-from . import distributed, methods, teacher
+from . import distributed, methods, store, teacher
 from .checkpoint import TrainState
 from .config import SYNTHETIC, Config, ConfigError, resolve
 from .loaders import Data, Loaders, build_loaders, load_data
@@ -110,8 +110,11 @@ class Run:
 
 
 def train(cfg: Config, *, log: Callable[[str], None] | None = None,
-          quiet: bool = False) -> RunResult:
-    """Runs one training job described by ``cfg`` (resolved here). See the module docstring."""
+          quiet: bool = False, phases: int | None = None) -> RunResult:
+    """Runs one training job described by ``cfg`` (resolved here). See the module docstring.
+
+    ``phases``: train only the method's first ``phases`` phases (a teacher store's build trains
+    DIH's heads this way)."""
     t_start = time.perf_counter()
     cfg = resolve(cfg, world_size=distributed.env_world_size())
     if cfg.method is None:
@@ -122,6 +125,8 @@ def train(cfg: Config, *, log: Callable[[str], None] | None = None,
     try:
         with torch_settings(cfg, d, device):
             run = setup(cfg, d, device, log or _print, quiet, t_start)
+            if phases is not None:
+                run.plan = methods.Plan(run.plan.phases[:phases], run.plan.modules)
             return fit(run)
     finally:
         if own_group:
@@ -136,12 +141,21 @@ def setup(cfg: Config, d: distributed.Dist, device: torch.device, log: Callable[
     """Everything a run needs before its first step, each setting checked before any training
     (a missing built-in teacher's) starts."""
     embedded = cfg.data is None
+    store.check_method(cfg)
     check_model_name(cfg.student, embedded, "student")
     if cfg.method != "scratch":
         check_model_name(cfg.teacher, embedded, "teacher")
     resume_path = _check_output(cfg)
     data = load_data(cfg)
     methods.check(cfg, data.num_classes)
+    stored = None
+    if cfg.teacher_store is not None:
+        # The store stands in for the teacher: the training set replays its crops.
+        src = store.source(cfg)
+        sha = store.run_teacher_sha256(cfg, src, log if not quiet and d.is_main else _silent)
+        stored = store.open_for_run(cfg, src, sha)
+        data = Data(store.ReplayDataset(src, stored, cfg.seed), data.val, data.num_classes,
+                    data.input_shape, True)
     per_rank = cfg.batch_size // d.world_size
     if len(data.train) // d.world_size < per_rank:
         raise ConfigError(
@@ -149,15 +163,18 @@ def setup(cfg: Config, d: distributed.Dist, device: torch.device, log: Callable[
             f"images, fewer than one batch per rank ({per_rank} x {d.world_size} ranks)"
         )
     teachers = []
-    if cfg.method != "scratch":
+    if cfg.method != "scratch" and stored is None:
         paths = provide_teacher_weights(cfg, teacher.count(cfg), log if not quiet else _silent, d)
         teachers = teacher.build_teachers(cfg, paths, data.num_classes, data.input_shape)
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student, data.num_classes,
                           with_features=methods.needs_features(cfg.method, "student"),
                           input_shape=data.input_shape)
-    plan = methods.build(methods.Context(cfg, student, teachers, data.num_classes,
-                                         data.input_shape))
+    ctx = methods.Context(cfg, student, teachers, data.num_classes, data.input_shape)
+    if stored is None:
+        plan = methods.build(ctx)
+    else:
+        plan = methods.build_from_store(ctx, store.teacher_fn(cfg, stored.meta, device))
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     for module in [*plan.modules.values(), *teachers]:
         prepare(module, device, channels_last)
@@ -319,7 +336,8 @@ def start_phase(run: Run, state: TrainState, index: int, saved: dict[str, Any] |
     teacher_fn = phase.teacher
     if cfg.compile:
         module = torch.compile(module)
-        if teacher_fn is not None:
+        # A teacher store's reader is not a model: it stays eager.
+        if teacher_fn is not None and cfg.teacher_store is None:
             teacher_fn = torch.compile(teacher_fn)
     return module, teacher_fn
 
@@ -343,14 +361,16 @@ def train_one_epoch(run: Run, state: TrainState, phase: methods.Phase, module: n
     clock = _Clock(run, state)
     lr = 0.0
     run.profiler.start()
-    for x, y in _batches(loaders.train, loaders.steps_per_epoch - state.step):
+    for x, y, *stored in _batches(loaders.train, loaders.steps_per_epoch - state.step):
+        # stored: a teacher store's rows for the batch (ids, values), read by the phase's teacher.
         x = to_device(x, run.device, run.channels_last)
         y = y.to(run.device, non_blocking=True)
         lr = state.schedule(local_epoch * loaders.steps_per_epoch + state.step)
         for group in state.optimizer.param_groups:
             group["lr"] = lr
         run.profiler.mark("data")
-        loss, parts, out = train_step(run, state, phase, module, teacher_fn, x, y, local_epoch)
+        loss, parts, out = train_step(run, state, phase, module, teacher_fn, x, y, local_epoch,
+                                      stored or None)
         if run.profiler.step_done(x.shape[0] * run.d.world_size):
             _report_profile(run)
         _accumulate(state.sums, loss, parts, out.get("logits"), y)
@@ -382,15 +402,17 @@ def train_one_epoch(run: Run, state: TrainState, phase: methods.Phase, module: n
 
 
 def train_step(run: Run, state: TrainState, phase: methods.Phase, module: nn.Module,
-               teacher_fn: Callable | None, x: torch.Tensor, y: torch.Tensor, local_epoch: int
+               teacher_fn: Callable | None, x: torch.Tensor, y: torch.Tensor, local_epoch: int,
+               stored: list[torch.Tensor] | None = None
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
-    """Teacher forward, student forward, the method's loss, backward and the optimizer step."""
+    """Teacher forward (or the teacher store's rows of the batch, ``stored``), student forward,
+    the method's loss, backward and the optimizer step."""
     prof = run.profiler
     with autocast(run.cfg, run.device):
         tout = None
         if teacher_fn is not None:
             with torch.inference_mode():
-                tout = teacher_fn(x)
+                tout = teacher_fn(x if stored is None else stored)
         prof.mark("teacher_forward")
         out = module(x, tout)
         prof.mark("student_forward")
@@ -408,7 +430,7 @@ def train_step(run: Run, state: TrainState, phase: methods.Phase, module: nn.Mod
     return loss, parts, out
 
 
-def _batches(loader: DataLoader, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(loader: DataLoader, count: int) -> Iterator[tuple[torch.Tensor, ...]]:
     for i, batch in enumerate(loader):
         if i >= count:
             break
@@ -604,9 +626,11 @@ def _report_profile(run: Run) -> None:
 def _header(run: Run) -> str:
     cfg = run.cfg
     desc = methods.describe(cfg)
+    source = cfg.teacher if cfg.method != "scratch" else "(no teacher)"
+    if cfg.teacher_store is not None:
+        source = f"teacher store {cfg.teacher_store} ({cfg.teacher})"
     return (
-        f"{cfg.method}: {cfg.student} <- "
-        f"{cfg.teacher if cfg.method != 'scratch' else '(no teacher)'} | "
+        f"{cfg.method}: {cfg.student} <- {source} | "
         + ", ".join(f"{k}={v}" for k, v in desc.items() if k != "method")
         + f" | {len(run.data.train)} train / {len(run.data.val)} val images, "
         f"{run.loaders.steps_per_epoch} steps/epoch, {run.d.world_size} rank(s) on {run.device}"

@@ -18,6 +18,7 @@ from ..data import (
     BatchedTensorDataset,
     ResumableDistributedSampler,
     SeededAugmentation,
+    SeededCropFlip,
     ShardSampler,
     SyntheticImages,
     build_imagefolder,
@@ -50,9 +51,13 @@ def load_data(cfg: Config) -> Data:
     """The training and validation sets ``cfg`` names (embedded digits, synthetic, or a folder)."""
     if cfg.data is None:
         train, val = load_digits_split(cfg.train_fraction)
-        return Data(BatchedTensorDataset(train.images, train.labels),
-                    BatchedTensorDataset(val.images, val.labels), NUM_CLASSES, IMAGE_SHAPE,
-                    False)
+        train_set = BatchedTensorDataset(train.images, train.labels)
+        if cfg.augment:
+            from .store import DIGITS_CROP
+
+            train_set = SeededCropFlip(train_set, DIGITS_CROP, cfg.seed)
+        return Data(train_set, BatchedTensorDataset(val.images, val.labels), NUM_CLASSES,
+                    IMAGE_SHAPE, cfg.augment)
     if cfg.data == SYNTHETIC:
         shape = (3, cfg.image_size, cfg.image_size)
         return Data(
@@ -85,7 +90,8 @@ def build_loaders(cfg: Config, data: Data, d: distributed.Dist, device: torch.de
     val_loader = DataLoader(
         data.val, batch_size=max(per_rank, 256),
         sampler=ShardSampler(len(data.val), d.world_size, d.rank),
-        num_workers=cfg.workers, pin_memory=pin, collate_fn=collate,
+        num_workers=cfg.workers, pin_memory=pin,
+        collate_fn=collate_batch if hasattr(data.val, "__getitems__") else None,
     )
     full = len(sampler) // per_rank
     return Loaders(sampler, train_loader, val_loader, per_rank,

@@ -283,23 +283,40 @@ def _dih(ctx: Context) -> Plan:
         feats, logits = teacher(x)
         return TeacherOut([*(h(f.flatten(1)) for h, f in zip(heads, feats, strict=True)), logits])
 
-    k1 = len(heads) + 1
-    # sum_j [alpha KD_j + (1 - alpha) CE] = scale * [a sum_j KD_j + (1 - a) CE]
-    # with scale = alpha + k1 (1 - alpha) and a = alpha / scale.
-    scale = cfg.alpha + k1 * (1.0 - cfg.alpha)
-    a = cfg.alpha / scale
-
-    def student_loss(out, tout, y, epoch):
-        return scale * _kd_loss(cfg, out["logits"], tout.logits, y, temperature=cfg.temperature,
-                                alpha=a), {}
-
     phases = [
         Phase("heads", cfg.dih_head_epochs, HeadsForward(heads), heads_loss, heads_eval,
               _teacher_all([teacher]), [heads], lr=cfg.dih_head_lr),
-        Phase("student", cfg.epochs, StudentForward(ctx.student), student_loss,
-              _student_eval(ctx.student), cohort, [ctx.student]),
+        _cohort_phase(ctx, cohort),
     ]
     return Plan(phases, {"student": ctx.student, "heads": heads})
+
+
+def _cohort_phase(ctx: Context, cohort) -> Phase:
+    """DIH's student phase: distils from every member of the cohort ``cohort(x)`` returns."""
+    cfg = ctx.cfg
+
+    def student_loss(out, tout, y, epoch):
+        # sum_j [alpha KD_j + (1 - alpha) CE] = scale * [a sum_j KD_j + (1 - a) CE]
+        # with scale = alpha + k1 (1 - alpha) and a = alpha / scale, k1 members.
+        k1 = len(tout.logits)
+        scale = cfg.alpha + k1 * (1.0 - cfg.alpha)
+        a = cfg.alpha / scale
+        return scale * _kd_loss(cfg, out["logits"], tout.logits, y, temperature=cfg.temperature,
+                                alpha=a), {}
+
+    return Phase("student", cfg.epochs, StudentForward(ctx.student), student_loss,
+                 _student_eval(ctx.student), cohort, [ctx.student])
+
+
+def build_from_store(ctx: Context, teacher_fn: Callable) -> Plan:
+    """kd, topk or dih with the teacher side read from a teacher store (``teacher_fn`` maps the
+    batch's stored rows to the :class:`TeacherOut` of the live teacher's place): the student phase
+    alone -- DIH's heads were trained, and ran, when the store was built."""
+    if ctx.cfg.method == "dih":
+        phase = _cohort_phase(ctx, teacher_fn)
+    else:
+        phase = _kd_phase(ctx, "student", teacher_fn)
+    return Plan([phase], {"student": ctx.student})
 
 
 # --- FEED: parallel feature ensemble ------------------------------------------------------------
