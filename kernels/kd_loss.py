@@ -82,6 +82,7 @@ def _kd_loss_fwd_kernel(
     v0, v1, v2, v3, v4, v5, v6, v7,
     l0, l1, l2, l3, l4, l5, l6, l7,
     k0, k1, k2, k3, k4, k5, k6, k7,
+    beta,
     NUM_T: tl.constexpr,
     NUM_S: tl.constexpr,
     HAS_KD_RW: tl.constexpr,
@@ -92,6 +93,7 @@ def _kd_loss_fwd_kernel(
     HAS_GRAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DIVERGENCE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
@@ -128,12 +130,21 @@ def _kd_loss_fwd_kernel(
     z_1 = 0.0
     sum_s = 0.0
     s_rel = 0.0  # sum (s - m_s), moved along with m_s (sparse teachers' tail term)
+    a_s = 0.0  # sum exp((s - m_s) / T) (s - m_s), moved along with m_s (reverse KL, sparse)
     m_raw = float("-inf")
     for start in range(0, C, BLOCK_C):
         mask = start + cols < C
         x = tl.load(s_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
         m_raw = tl.maximum(m_raw, tl.max(x, 0))
         m_new = _finite_or_zero(m_raw)
+        if DIVERGENCE == 1:
+            if NUM_S > 0:
+                # e (x - m) summed so far, moved to m_new: e scales as z_q, x - m shifts by
+                # m_s - m_new on every class summed so far (z_q of them, weighted).
+                e = tl.exp((x - m_new) * inv_t)
+                a_s = _rescaled(a_s + (m_s - m_new) * z_q, m_s, m_new, inv_t) + tl.sum(
+                    tl.where(e > 0.0, e * (x - m_new), 0.0), 0
+                )
         z_q = _rescaled(z_q, m_s, m_new, inv_t) + tl.sum(tl.exp((x - m_new) * inv_t), 0)
         if HAS_CE:
             if not UNIT_T:
@@ -141,10 +152,12 @@ def _kd_loss_fwd_kernel(
             if SMOOTH:
                 sum_s += tl.sum(tl.where(mask, x, 0.0), 0)
         if NUM_S > 0:
-            # The start classes summed so far move from m_s to m_new (0 when m_s is unchanged).
-            s_rel = s_rel + (m_s - m_new) * start + tl.sum(
-                tl.where(mask, x - m_new, 0.0), 0
-            )
+            if DIVERGENCE == 0:
+                # The start classes summed so far move from m_s to m_new (0 when m_s is
+                # unchanged).
+                s_rel = s_rel + (m_s - m_new) * start + tl.sum(
+                    tl.where(mask, x - m_new, 0.0), 0
+                )
         m_s = m_new
     log_zq = tl.log(z_q)
     log_z1 = log_zq
@@ -155,6 +168,9 @@ def _kd_loss_fwd_kernel(
     # Teachers: online log-sum-exp of t/T (relative to the maximum m_t, as for the student) and
     # the cross term sum_c p_c (t_c - s_c), divided by T at the end.
     loss = 0.0
+    # The gradient sweep's per-row constant: sum_j w_j p_tail_j over the sparse teachers (forward
+    # KL), sum_k w_k X_k plus the sparse teachers' tail terms (reverse KL), sum_k w_k Y_k (JSD).
+    c_row = 0.0
     m_ts = tl.zeros([MAX_TEACHERS_C], dtype=tl.float32)
     log_zts = tl.zeros([MAX_TEACHERS_C], dtype=tl.float32)
     for k in tl.static_range(NUM_T):
@@ -169,34 +185,55 @@ def _kd_loss_fwd_kernel(
             m_raw = float("-inf")
             z_t = 0.0
             cross = 0.0
+            e_s_sum = 0.0  # reverse KL: sum of the student's e_s over the chunks so far
             for start in range(0, C, BLOCK_C):
                 mask = start + cols < C
                 x = tl.load(t_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                xs = tl.load(s_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                if DIVERGENCE != 2:
+                    xs = tl.load(s_row + start + cols, mask=mask, other=float("-inf")).to(
+                        tl.float32
+                    )
                 m_raw = tl.maximum(m_raw, tl.max(x, 0))
                 m_new = _finite_or_zero(m_raw)
                 e = tl.exp((x - m_new) * inv_t)
-                cross = _rescaled(cross, m_t, m_new, inv_t) + tl.sum(
-                    tl.where(e > 0.0, e * (x - xs), 0.0), 0
-                )
+                if DIVERGENCE == 0:
+                    cross = _rescaled(cross, m_t, m_new, inv_t) + tl.sum(
+                        tl.where(e > 0.0, e * (x - xs), 0.0), 0
+                    )
+                elif DIVERGENCE == 1:
+                    # sum_c e_s_c ((s_c - m_s) - (t_c - m_t)): e_s is final (m_s is), the
+                    # teacher's maximum moves the earlier chunks' terms by m_new - m_t each.
+                    e_s = tl.exp((xs - m_s) * inv_t)
+                    cross = cross + (m_new - m_t) * e_s_sum + tl.sum(
+                        tl.where(e_s > 0.0, e_s * ((xs - m_s) - (x - m_new)), 0.0), 0
+                    )
+                    e_s_sum += tl.sum(e_s, 0)
                 z_t = _rescaled(z_t, m_t, m_new, inv_t) + tl.sum(e, 0)
                 m_t = m_new
             log_zt = tl.log(z_t)
-            # lse(s / T) - lse(t / T), its large parts (the maxima) cancelled first.
-            lse_diff = (m_s - m_t) * inv_t + (log_zq - log_zt)
-            loss += wk * temperature * (cross * inv_t / z_t + lse_diff)
+            if DIVERGENCE == 0:
+                # lse(s / T) - lse(t / T), its large parts (the maxima) cancelled first.
+                lse_diff = (m_s - m_t) * inv_t + (log_zq - log_zt)
+                loss += wk * temperature * (cross * inv_t / z_t + lse_diff)
+            elif DIVERGENCE == 1:
+                # KL(q || p) = X / T + log z_t - log z_q with X = cross / z_q (the maxima's
+                # terms cancel as sum q = 1); X joins the gradient's row constant.
+                x_k = cross / z_q
+                loss += wk * temperature * (x_k * inv_t + (log_zt - log_zq))
+                c_row += wk * x_k
             m_ts = tl.where(kidx == k, m_t, m_ts)
             log_zts = tl.where(kidx == k, log_zt, log_zts)
 
     # Sparse teachers: two passes over the k entries (their maximum, then the sums relative to
-    # it), the student gathered at the ids. Per teacher, m, 1 / Z and p_tail are kept for the
-    # fix-up after the gradient sweep, and sum_j w_j p_tail_j joins the sweep's row constant.
-    c_tail = 0.0
+    # it), the student gathered at the ids (JSD: a third, the ids' corrections). Per teacher, m,
+    # 1 / Z and p_tail are kept for the fix-up after the gradient sweep, and sum_j w_j p_tail_j
+    # (forward KL) joins the sweep's row constant.
     bad_id = 0
-    # m, 1 / Z and p_tail of sparse teacher j at j, 8 + j and 16 + j of one vector (32 wide, a
-    # power of two): live across the gradient sweep in one register per thread. Three 8-wide
-    # vectors took three, and ptxas spilled 8 bytes (sm_90; 6 dense and 2 sparse teachers, CE,
-    # smoothing, row weights, C = 32000).
+    # m, 1 / Z, p_tail and a fourth value (reverse KL: the tail's logit base, JSD: log p_tail)
+    # of sparse teacher j at j, 8 + j, 16 + j and 24 + j of one vector (32 wide, a power of
+    # two): live across the gradient sweep in one register per thread. Three 8-wide vectors took
+    # three, and ptxas spilled 8 bytes (sm_90; 6 dense and 2 sparse teachers, CE, smoothing, row
+    # weights, C = 32000).
     sidx = tl.arange(0, 4 * MAX_TEACHERS_C)
     sp_stats = tl.zeros([4 * MAX_TEACHERS_C], dtype=tl.float32)
     kcols = tl.arange(0, BLOCK_K)
@@ -221,6 +258,7 @@ def _kd_loss_fwd_kernel(
             z_ids = 0.0
             cross = 0.0
             at_ids = 0.0  # sum_i (s[id_i] - m_s)
+            e_ids = 0.0  # reverse KL: sum_i e_s[id_i]
             for start in range(0, kj, BLOCK_K):
                 kmask = start + kcols < kj
                 vals = tl.load(vals_row + start + kcols, mask=kmask, other=float("-inf"))
@@ -231,22 +269,109 @@ def _kd_loss_fwd_kernel(
                 dv = vals - m_d
                 e = tl.exp(dv * inv_t)
                 z_ids += tl.sum(e, 0)
-                # p = 0 contributes 0 even where the difference is inf or NaN.
-                cross += tl.sum(tl.where(e > 0.0, e * ((dv - xs) * inv_t), 0.0), 0)
-                at_ids += tl.sum(xs, 0)
+                if DIVERGENCE == 0:
+                    # p = 0 contributes 0 even where the difference is inf or NaN.
+                    cross += tl.sum(tl.where(e > 0.0, e * ((dv - xs) * inv_t), 0.0), 0)
+                    at_ids += tl.sum(xs, 0)
+                elif DIVERGENCE == 1:
+                    # The ids' part of sum_c e_s_c (d_c - m): q = 0 contributes 0.
+                    e_s = tl.where(ok, tl.exp(xs * inv_t), 0.0)
+                    e_ids += tl.sum(e_s, 0)
+                    cross += tl.sum(tl.where(e_s > 0.0, e_s * dv, 0.0), 0)
             e_tail = tl.where(n_tail > 0.0, tl.exp((tail - m_d) * inv_t), 0.0)
             z_d = z_ids + n_tail * e_tail
-            # The C - k tail classes: their s_c - m_s sum to the row's minus the ids'. A masked
-            # (-inf) student logit among the ids makes this NaN, as in the CUDA kernel.
-            rest = s_rel - at_ids
-            cross += tl.where(e_tail > 0.0, e_tail * ((n_tail * (tail - m_d) - rest) * inv_t), 0.0)
             inv_z = tl.math.div_rn(1.0, z_d)  # fp32 `/` is the approximate div.full.f32
             p_tail = e_tail * inv_z
-            loss += wk * temperature * (cross * inv_z + (log_zq - tl.log(z_d)))
-            c_tail += wk * p_tail
+            if DIVERGENCE == 0:
+                # The C - k tail classes: their s_c - m_s sum to the row's minus the ids'. A
+                # masked (-inf) student logit among the ids makes this NaN, as in the CUDA
+                # kernel.
+                rest = s_rel - at_ids
+                cross += tl.where(
+                    e_tail > 0.0, e_tail * ((n_tail * (tail - m_d) - rest) * inv_t), 0.0
+                )
+                loss += wk * temperature * (cross * inv_z + (log_zq - tl.log(z_d)))
+                c_row += wk * p_tail
+            elif DIVERGENCE == 1:
+                # sum_c e_s_c ((s_c - m_s) - (d_c - m)) = A - sum_i e_s[id_i] (v_i - m)
+                # - (tail - m) (z_q - sum_i e_s[id_i]); no tail term when k == C.
+                rest = z_q - e_ids
+                cross = a_s - cross - tl.where(
+                    (n_tail > 0.0) & (rest != 0.0), (tail - m_d) * rest, 0.0
+                )
+                x_k = cross / z_q
+                loss += wk * temperature * (x_k * inv_t + (tl.log(z_d) - log_zq))
+                # The sweep takes every class as a tail class (base = tail; m when k == C);
+                # the fix-up adds (w / T) q (base - v_i) at the ids.
+                base = tl.where(n_tail > 0.0, tail, m_d)
+                c_row += wk * (x_k + (base - m_d))
+                sp_stats = tl.where(sidx == 3 * MAX_TEACHERS_C + j, base, sp_stats)
+            else:
+                # JSD: the full-row sweep below counts every class with p = p_tail; here the
+                # ids' terms replace that at the k ids.
+                lp_tail = (tail - m_d) * inv_t - tl.log(z_d)
+                d_fix = 0.0
+                y_fix = 0.0
+                for start in range(0, kj, BLOCK_K):
+                    kmask = start + kcols < kj
+                    vals = tl.load(vals_row + start + kcols, mask=kmask, other=float("-inf"))
+                    ids = tl.load(ids_row + start + kcols, mask=kmask, other=0)
+                    ok = kmask & (ids >= 0) & (ids < C)
+                    xs = tl.load(s_row + tl.where(ok, ids, 0), mask=ok, other=float("-inf"))
+                    lq = (xs.to(tl.float32) - m_s) * inv_t - log_zq
+                    q = tl.exp(lq)
+                    e = tl.exp((vals - m_d) * inv_t)
+                    p = e * inv_z
+                    lp = (vals - m_d) * inv_t - tl.log(z_d)
+                    d_id, y_id = _jsd_terms(p, lp, q, lq, beta)
+                    d_tl, y_tl = _jsd_terms(tl.broadcast_to(p_tail, [BLOCK_K]), lp_tail, q, lq,
+                                            beta)
+                    d_fix += tl.sum(tl.where(ok, d_id - d_tl, 0.0), 0)
+                    y_fix += tl.sum(tl.where(ok, y_id - y_tl, 0.0), 0)
+                loss += wk * temperature * d_fix
+                c_row += wk * y_fix
+                sp_stats = tl.where(sidx == 3 * MAX_TEACHERS_C + j, lp_tail, sp_stats)
             sp_stats = tl.where(sidx == j, m_d, sp_stats)
             sp_stats = tl.where(sidx == MAX_TEACHERS_C + j, inv_z, sp_stats)
             sp_stats = tl.where(sidx == 2 * MAX_TEACHERS_C + j, p_tail, sp_stats)
+
+    if DIVERGENCE == 2:
+        # JSD: D_k and Y_k = KL(q || m_k) need every teacher's final statistics, so a sweep of
+        # their own over the row (one chunk and a cache hit when C <= BLOCK_C): per class the
+        # dense teachers' p_kc, the sparse teachers' p_tail, and the weighted terms summed.
+        for start in range(0, C, BLOCK_C):
+            offs = start + cols
+            mask = offs < C
+            xs = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            lq = (xs - m_s) * inv_t - log_zq
+            q = tl.exp(lq)
+            d_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+            y_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for k in tl.static_range(NUM_T):
+                wk = tl.sum(tl.where(kidx == k, w, 0.0), 0)
+                t_row = _row_ptr(
+                    pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
+                    pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
+                    pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
+                )
+                m_t = tl.sum(tl.where(kidx == k, m_ts, 0.0), 0)
+                log_zt = tl.sum(tl.where(kidx == k, log_zts, 0.0), 0)
+                # Branch-free as in the gradient sweep: weight 0 loads nothing (p = 0).
+                live = mask & (tl.broadcast_to(wk, [BLOCK_C]) != 0.0)
+                xt = tl.load(t_row + offs, mask=live, other=float("-inf")).to(tl.float32)
+                lp = (xt - m_t) * inv_t - log_zt
+                d_k, y_k = _jsd_terms(tl.exp(lp), lp, q, lq, beta)
+                d_acc += wk * d_k
+                y_acc += wk * y_k
+            for j in tl.static_range(NUM_S):
+                wk = tl.sum(tl.where(kidx == NUM_T + j, w, 0.0), 0)
+                p_tail = tl.sum(tl.where(sidx == 2 * MAX_TEACHERS_C + j, sp_stats, 0.0), 0)
+                lp_tail = tl.sum(tl.where(sidx == 3 * MAX_TEACHERS_C + j, sp_stats, 0.0), 0)
+                d_k, y_k = _jsd_terms(tl.broadcast_to(p_tail, [BLOCK_C]), lp_tail, q, lq, beta)
+                d_acc += wk * d_k
+                y_acc += wk * y_k
+            loss += temperature * tl.sum(tl.where(mask, d_acc, 0.0), 0)
+            c_row += tl.sum(tl.where(mask, y_acc, 0.0), 0)
 
     eps = label_smoothing
     if HAS_CE:
@@ -278,13 +403,15 @@ def _kd_loss_fwd_kernel(
                 t0, t1, t2, t3, t4, t5, t6, t7,
                 so0, so1, so2, so3, so4, so5, so6, so7,
                 si0, si1, si2, si3, si4, si5, si6, si7,
-                w, kidx, m_ts, log_zts, w_sum, c_tail, m_s, log_zq, log_z1, inv_t, v, y, eps, C,
-                NUM_T, NUM_S, HAS_CE, BLOCK_C,
+                w, kidx, m_ts, log_zts, w_sum, c_row, m_s, log_zq, log_z1, inv_t, v, y, eps, C,
+                sp_stats, sidx, beta, NUM_T, NUM_S, HAS_CE, BLOCK_C, DIVERGENCE,
             )
             tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
-        # Sparse teachers' ids, one teacher at a time, after the row's stores: w (p_tail - p_i)
-        # added to each entry. Branch-free like the dense teachers' terms: a teacher of weight 0
-        # touches nothing (every lane masked off).
+        # Sparse teachers' ids, one teacher at a time, after the row's stores: the id's own term
+        # minus the tail's that the sweep wrote, added to each entry: w (p_tail - p_i) (forward
+        # KL), (w / T) q (base - v_i) (reverse KL), w (1 - beta) q (lm_tail - lm_i) (JSD).
+        # Branch-free like the dense teachers' terms: a teacher of weight 0 touches nothing
+        # (every lane masked off).
         for j in tl.static_range(NUM_S):
             tl.debug_barrier()
             wk = tl.sum(tl.where(kidx == NUM_T + j, w, 0.0), 0)
@@ -300,7 +427,20 @@ def _kd_loss_fwd_kernel(
                 ok = live & (ids >= 0) & (ids < C)
                 ids = tl.where(ok, ids, 0)
                 vals = tl.load(vals_row + start + kcols, mask=ok, other=float("-inf"))
-                fix = wk * (p_tail - tl.exp((vals - m_d) * inv_t) * inv_z)
+                if DIVERGENCE == 0:
+                    fix = wk * (p_tail - tl.exp((vals - m_d) * inv_t) * inv_z)
+                else:
+                    xs = tl.load(s_row + ids, mask=ok, other=float("-inf")).to(tl.float32)
+                    lq = (xs - m_s) * inv_t - log_zq
+                    q = tl.exp(lq)
+                    if DIVERGENCE == 1:
+                        base = tl.sum(tl.where(sidx == 3 * MAX_TEACHERS_C + j, sp_stats, 0.0), 0)
+                        fix = tl.where(q > 0.0, (wk * inv_t) * q * (base - vals), 0.0)
+                    else:
+                        p = tl.exp((vals - m_d) * inv_t) * inv_z
+                        lm_tail = tl.log(beta * p_tail + (1.0 - beta) * q)
+                        lm = tl.log(beta * p + (1.0 - beta) * q)
+                        fix = tl.where(q > 0.0, (wk * (1.0 - beta)) * q * (lm_tail - lm), 0.0)
                 if grad_ptr.dtype.element_ty == tl.float32:
                     old = tl.load(g_row + ids, mask=ok, other=0.0)
                 else:
@@ -314,8 +454,8 @@ def _kd_loss_fwd_kernel(
                         t0, t1, t2, t3, t4, t5, t6, t7,
                         so0, so1, so2, so3, so4, so5, so6, so7,
                         si0, si1, si2, si3, si4, si5, si6, si7,
-                        w, kidx, m_ts, log_zts, w_sum, c_tail, m_s, log_zq, log_z1, inv_t, v, y,
-                        eps, C, NUM_T, NUM_S, HAS_CE, BLOCK_K,
+                        w, kidx, m_ts, log_zts, w_sum, c_row, m_s, log_zq, log_z1, inv_t, v, y,
+                        eps, C, sp_stats, sidx, beta, NUM_T, NUM_S, HAS_CE, BLOCK_K, DIVERGENCE,
                     )
                     if j > 0:
                         stored = tl.load(g_row + ids, mask=ok, other=0.0).to(tl.float32)
@@ -330,24 +470,76 @@ def _grad_at(
     t0, t1, t2, t3, t4, t5, t6, t7,
     so0, so1, so2, so3, so4, so5, so6, so7,
     si0, si1, si2, si3, si4, si5, si6, si7,
-    w, kidx, m_ts, log_zts, w_sum, c_tail, m_s, log_zq, log_z1, inv_t, v, y, eps, C,
+    w, kidx, m_ts, log_zts, w_sum, c_row, m_s, log_zq, log_z1, inv_t, v, y, eps, C,
+    sp_stats, sidx, beta,
     NUM_T: tl.constexpr, NUM_S: tl.constexpr, HAS_CE: tl.constexpr, BLOCK: tl.constexpr,
+    DIVERGENCE: tl.constexpr,
 ):
     """The row's gradient in float32 at the classes `offs` (lanes off `mask` unused), before
     the sparse teachers' corrections at their ids: the gradient sweep, and the fix-up that
     recomputes an entry."""
     x = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    g = w_sum * tl.exp((x - m_s) * inv_t - log_zq)
-    if NUM_S > 0:
-        g -= c_tail
+    if DIVERGENCE == 0:
+        g = w_sum * tl.exp((x - m_s) * inv_t - log_zq)
+        if NUM_S > 0:
+            g -= c_row
+    else:
+        g = _other_kd_grad(
+            x, offs, mask, row, inner,
+            t0, t1, t2, t3, t4, t5, t6, t7,
+            so0, so1, so2, so3, so4, so5, so6, so7,
+            si0, si1, si2, si3, si4, si5, si6, si7,
+            w, kidx, m_ts, log_zts, w_sum, c_row, m_s, log_zq, inv_t, sp_stats, sidx, beta,
+            NUM_T, NUM_S, BLOCK, DIVERGENCE,
+        )
     if HAS_CE:
         sm = tl.exp(x - m_s - log_z1)
         target = eps / C + tl.where(offs == y, 1.0 - eps, 0.0)
         g += v * (sm - target)
+    if DIVERGENCE == 0:
+        for k in tl.static_range(NUM_T):
+            # Branch-free: a teacher of weight 0 loads nothing (every lane masked off, so xt = -inf
+            # and its term is exactly 0 * 0). A branch here kept one predicate per teacher alive
+            # from sweep 1 to sweep 2, which ptxas spilled (sm_90, C = 1000).
+            wk = tl.sum(tl.where(kidx == k, w, 0.0), 0)
+            t_row = _row_ptr(
+                pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
+                pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
+                pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
+            )
+            m_t = tl.sum(tl.where(kidx == k, m_ts, 0.0), 0)
+            log_zt = tl.sum(tl.where(kidx == k, log_zts, 0.0), 0)
+            live = mask & (tl.broadcast_to(wk, [BLOCK]) != 0.0)
+            xt = tl.load(t_row + offs, mask=live, other=float("-inf"))
+            g -= wk * tl.exp((xt.to(tl.float32) - m_t) * inv_t - log_zt)
+    # A row that counts nowhere gets exactly 0, even where its statistics are not finite.
+    return tl.where((w_sum == 0.0) & (v == 0.0), 0.0, g)
+
+
+@triton.jit
+def _other_kd_grad(
+    x, offs, mask, row, inner,
+    t0, t1, t2, t3, t4, t5, t6, t7,
+    so0, so1, so2, so3, so4, so5, so6, so7,
+    si0, si1, si2, si3, si4, si5, si6, si7,
+    w, kidx, m_ts, log_zts, w_sum, c_row, m_s, log_zq, inv_t, sp_stats, sidx, beta,
+    NUM_T: tl.constexpr, NUM_S: tl.constexpr, BLOCK: tl.constexpr, DIVERGENCE: tl.constexpr,
+):
+    """The teachers' gradient terms of reverse KL (DIVERGENCE 1) and JSD (2) at the student
+    logits `x` of the classes `offs`, the sparse teachers' as if every class were a tail class:
+
+        reverse KL: (q / T) (W (s - m_s) - sum_k w_k (t_k - m_k) - c_row),  W = sum_k w_k
+        JSD:        (1 - beta) q (sum_k w_k (lq - lm_k) - c_row)
+
+    with c_row the row constant of the kernel; q = 0 gives exactly 0."""
+    lq = (x - m_s) * inv_t - log_zq
+    q = tl.exp(lq)
+    if DIVERGENCE == 1:
+        acc = w_sum * (x - m_s)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
     for k in tl.static_range(NUM_T):
-        # Branch-free: a teacher of weight 0 loads nothing (every lane masked off, so xt = -inf
-        # and its term is exactly 0 * 0). A branch here kept one predicate per teacher alive
-        # from sweep 1 to sweep 2, which ptxas spilled (sm_90, C = 1000).
+        # Branch-free as for forward KL: a teacher of weight 0 loads nothing.
         wk = tl.sum(tl.where(kidx == k, w, 0.0), 0)
         t_row = _row_ptr(
             pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
@@ -355,12 +547,32 @@ def _grad_at(
             pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
         )
         m_t = tl.sum(tl.where(kidx == k, m_ts, 0.0), 0)
-        log_zt = tl.sum(tl.where(kidx == k, log_zts, 0.0), 0)
         live = mask & (tl.broadcast_to(wk, [BLOCK]) != 0.0)
-        xt = tl.load(t_row + offs, mask=live, other=float("-inf"))
-        g -= wk * tl.exp((xt.to(tl.float32) - m_t) * inv_t - log_zt)
-    # A row that counts nowhere gets exactly 0, even where its statistics are not finite.
-    return tl.where((w_sum == 0.0) & (v == 0.0), 0.0, g)
+        xt = tl.load(t_row + offs, mask=live, other=float("-inf")).to(tl.float32)
+        if DIVERGENCE == 1:
+            acc -= tl.where(live, wk * (xt - m_t), 0.0)
+        else:
+            log_zt = tl.sum(tl.where(kidx == k, log_zts, 0.0), 0)
+            p = tl.exp((xt - m_t) * inv_t - log_zt)
+            acc += wk * (lq - tl.log(beta * p + (1.0 - beta) * q))
+    if DIVERGENCE == 2:
+        for j in tl.static_range(NUM_S):
+            wk = tl.sum(tl.where(kidx == NUM_T + j, w, 0.0), 0)
+            p_tail = tl.sum(tl.where(sidx == 2 * MAX_TEACHERS_C + j, sp_stats, 0.0), 0)
+            acc += wk * (lq - tl.log(beta * p_tail + (1.0 - beta) * q))
+        return tl.where(q > 0.0, (1.0 - beta) * q * (acc - c_row), 0.0)
+    else:
+        return tl.where(q > 0.0, q * inv_t * (acc - c_row), 0.0)
+
+
+@triton.jit
+def _jsd_terms(p, lp, q, lq, beta):
+    """Per class, beta p (lp - lm) + (1 - beta) q (lq - lm) (the JSD's terms) and q (lq - lm)
+    (those of KL(q || m)), m = beta p + (1 - beta) q; a term of weight p or q = 0 is exactly 0."""
+    lm = tl.log(beta * p + (1.0 - beta) * q)
+    yq = tl.where(q > 0.0, q * (lq - lm), 0.0)
+    d = tl.where(p > 0.0, beta * p * (lp - lm), 0.0) + (1.0 - beta) * yq
+    return d, yq
 
 
 def _block_c(classes: int) -> int:
@@ -485,8 +697,13 @@ def kd_loss_fwd_triton(
             f"{num_s} sparse), got {len(kd_coefs)}"
         )
     _check_sparse(sparse_ids, sparse_values, sparse_tails, rows, classes, student.device)
-    if divergence != 0:
-        raise NotImplementedError("fastkd: the Triton kernel computes forward KL only")
+    if divergence not in (0, 1, 2):
+        raise ValueError(
+            "fastkd: divergence must be 0 (forward KL), 1 (reverse KL) or 2 (JSD), got "
+            f"{divergence}"
+        )
+    if divergence == 2 and not 0.0 < beta < 1.0:
+        raise ValueError(f"fastkd: beta must be in (0, 1) for the JSD divergence, got {beta}")
     if student.device.type == "cpu":
         if labels is not None:
             _check_labels_on_cpu(labels, classes, ignore_index)
@@ -523,6 +740,7 @@ def kd_loss_fwd_triton(
         row_loss, grad if compute_grad else row_loss,
         classes, inner, float(temperature), float(label_smoothing),
         *(a for group in sparse_args for a in group),
+        float(beta),
         NUM_T=k,
         NUM_S=num_s,
         HAS_KD_RW=kd_row_weights is not None,
@@ -533,6 +751,7 @@ def kd_loss_fwd_triton(
         HAS_GRAD=compute_grad,
         BLOCK_C=_block_c(classes),
         BLOCK_K=_block_k(sk),
+        DIVERGENCE=int(divergence),
         num_warps=_num_warps(_block_c(classes)),
         maxnreg=MAXNREG,
     )

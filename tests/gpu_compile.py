@@ -119,7 +119,8 @@ def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
     # ---- KD: BLOCK_C = next_pow2(C) clamped to [16, 4096]; C picks every block size, C == 1,
     # C not a multiple of 16, multi-chunk rows and the largest vocabulary.
     def kd_call(c, *, rows=4, inner=1, sdt=f32, tdts=(f32,), labels=False, kd_rw=False,
-                ce=0.0, ce_rw=False, t=2.0, smooth=0.0, grad=True, offset=False, sparse=()):
+                ce=0.0, ce_rw=False, t=2.0, smooth=0.0, grad=True, offset=False, sparse=(),
+                div=0):
         outer = rows // inner
         s = torch.zeros(outer, inner, c + (1 if offset else 0), dtype=sdt)
         if offset:  # a slice one element in: pointer and row stride off 16-byte alignment
@@ -135,11 +136,11 @@ def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
         rw = torch.ones(rows).expand(n, rows) if kd_rw else None
         crw = torch.ones(rows) if ce_rw else None
         return kd.kd_loss_fwd_triton(s, ts, y, rw, crw, [1.0] * n, ce, t, smooth, -100,
-                                     False, grad, ids, values, tails)
+                                     False, grad, ids, values, tails, div, 0.5)
 
-    # The op's trailing lists are the sparse teachers' ids, values and tails.
-    schema = kd.kd_loss_fwd_triton._opoverload._schema.arguments
-    assert [a.name for a in schema[12:]] == ["sparse_ids", "sparse_values", "sparse_tails"], (
+    # The op's trailing arguments: the sparse teachers' ids, values and tails, the divergence.
+    schema = [a.name for a in kd.kd_loss_fwd_triton._opoverload._schema.arguments]
+    assert schema[12:] == ["sparse_ids", "sparse_values", "sparse_tails", "divergence", "beta"], (
         f"unexpected kd_loss_fwd_triton schema {schema}"
     )
 
