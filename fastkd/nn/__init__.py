@@ -3,5 +3,6 @@
 from .channel_attention import ChannelAttentionLoss
 from .feature_regression import FeatureRegressionLoss
 from .kd_loss import KDLoss
+from .linear_kd_loss import LinearKDLoss
 
-__all__ = ["ChannelAttentionLoss", "FeatureRegressionLoss", "KDLoss"]
+__all__ = ["ChannelAttentionLoss", "FeatureRegressionLoss", "KDLoss", "LinearKDLoss"]
