@@ -19,6 +19,9 @@
 //   grad: w (q - p_tail) everywhere (p_tail a per-row constant of the sweep) + w (p_tail - p_i)
 //   at ids_i, added in acc_t to the row before it is rounded to the student's dtype.
 //
+// Reverse KL and JSD(beta) (KDLossArgs::divergence) take the same sweeps with other terms; see
+// dense_divergence, sparse_divergence and other_grad below.
+//
 // Shapes: student and teachers [outer, inner, C] with stride 1 over C and any outer/inner strides;
 // labels and row weights [rows]; sparse ids and values [rows, k] contiguous, tails [rows]; per-row
 // losses [rows]; gradient [rows, C] in the student's dtype.
@@ -190,6 +193,209 @@ inline acc_t finite_sum(const T* s, int64_t cols, acc_t m_s, int64_t& neg_inf) {
   return sum;
 }
 
+// Reverse KL and JSD (csrc/kd_loss.h). Each teacher's term is computed from the student row's
+// statistics (m_s, z_s and its exps e_s, kept in scratch) and its own sweep; its gradient needs the
+// term's value first, so each teacher adds its part to an accumulator row `acc` (kept in cache,
+// with e_s) and the gradient is written by one final sweep (other_grad):
+//   reverse KL: acc += w (t - m_t),  x_sum += w X,  X = sum_c e_s ((s - m_s) - (t - m_t)) / z_s
+//               grad = (q / T) (W (s - m_s) - acc - x_sum)          W = sum_k w_k
+//   JSD:        acc += w (lq - lm),  x_sum += w KL(q || m)
+//               grad = (1 - beta) q (acc - x_sum)
+// No exponential is recomputed; JSD takes one log per element and teacher, for log m.
+
+// The D_k of a dense teacher, for reverse KL or JSD; `acc` (null without a gradient) and `x_sum`
+// take its gradient terms as above. `e_t` is scratch for the teacher's exps.
+template <typename acc_t, typename S, typename Tt>
+acc_t dense_divergence(int div, acc_t beta, acc_t w, const S* s, const Tt* t, int64_t C,
+                       acc_t m_s, acc_t zs, acc_t m_t, acc_t inv_T, const acc_t* e_s, acc_t* e_t,
+                       acc_t* acc, acc_t& x_sum) {
+  using V = Vec<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const V vm_s(m_s), vm_t(m_t), vw(w), zero(0);
+  const ScaledExp<acc_t> exp_p(inv_T, m_t);
+  const acc_t log_zs = std::log(zs);
+  if (div == kReverseKL) {
+    // KL(q || p) = sum_c e_s ((s - m_s) - (t - m_t)) / (T z_s) + log z_t - log z_s: relative to
+    // both maxima, and no exponential beyond the teacher's normaliser.
+    V z_t(0), cross(0);
+    for_blocks<acc_t>(C, [&](int64_t c, int64_t n) {
+      const V x = load<acc_t>(t + c, n, kNegInf);
+      z_t += exp_p(x);
+      const V es = V::loadu(e_s + c, n);
+      const V rel_t = x - vm_t;
+      const V diff = (load<acc_t>(s + c, n, kNegInf) - vm_s) - rel_t;
+      // q = 0 contributes 0, even where the difference is inf or NaN.
+      cross = V::blendv(cross, at::vec::fmadd(es, diff, cross), es > zero);
+      if (acc) at::vec::fmadd(rel_t, vw, V::loadu(acc + c, n)).store(acc + c, n);
+    });
+    const acc_t cr = hsum(cross);
+    x_sum += w * cr / zs;
+    return cr * inv_T / zs + (std::log(hsum(z_t)) - log_zs);
+  }
+  V z_t(0);
+  for_blocks<acc_t>(C, [&](int64_t c, int64_t n) {
+    const V e = exp_p(load<acc_t>(t + c, n, kNegInf));
+    z_t += e;
+    e.store(e_t + c, n);
+  });
+  const acc_t zt = hsum(z_t);
+  const V inv_zt(acc_t(1) / zt), inv_zs(acc_t(1) / zs), log_zt(std::log(zt)), vlog_zs(log_zs);
+  const V vb(beta), vb1(acc_t(1) - beta), vinv_T(inv_T);
+  V d_sum(0), y_sum(0);
+  for_blocks<acc_t>(C, [&](int64_t c, int64_t n) {
+    const V p = V::loadu(e_t + c, n) * inv_zt;
+    const V q = V::loadu(e_s + c, n) * inv_zs;
+    const V m = at::vec::fmadd(vb, p, vb1 * q);
+    const V lm = m.log();
+    const V lp = (load<acc_t>(t + c, n, kNegInf) - vm_t) * vinv_T - log_zt;
+    const V lq = (load<acc_t>(s + c, n, kNegInf) - vm_s) * vinv_T - vlog_zs;
+    // A weight (p or q) of 0, or an m that underflowed to 0, contributes exactly 0.
+    const V live = m > zero;
+    const V dq = V::blendv(zero, lq - lm, (q > zero) & live);
+    const V dp = V::blendv(zero, lp - lm, (p > zero) & live);
+    const V tq = q * dq;
+    d_sum += at::vec::fmadd(vb, p * dp, vb1 * tq);
+    y_sum += tq;
+    if (acc) at::vec::fmadd(dq, vw, V::loadu(acc + c, n)).store(acc + c, n);
+  });
+  const acc_t kl_qm = hsum(y_sum);
+  x_sum += w * kl_qm;
+  return hsum(d_sum);
+}
+
+// A sparse teacher's row as its KL code sees it: k ids and values, the tail constant on the other
+// n_tail = C - k classes, the maximum m_d, normaliser Z and exp((tail - m_d) / T) (0 when
+// n_tail = 0).
+template <typename acc_t>
+struct SparseRow {
+  const int32_t* ids;
+  const acc_t* vals;
+  int64_t k, n_tail;
+  acc_t tail, m_d, z, e_tail;
+};
+
+// The D_k of a sparse teacher for reverse KL or JSD, with its gradient terms as dense_divergence.
+// `a_s` is sum_c e_s (s_c - m_s) (reverse KL's student term).
+template <typename acc_t, typename S>
+acc_t sparse_divergence(int div, acc_t beta, acc_t w, const S* s, int64_t C, acc_t m_s, acc_t zs,
+                        acc_t a_s, acc_t inv_T, const acc_t* e_s, const SparseRow<acc_t>& d,
+                        acc_t* acc, acc_t& x_sum) {
+  using V = Vec<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const acc_t log_zs = std::log(zs), log_zd = std::log(d.z);
+  if (div == kReverseKL) {
+    // sum_c e_s ((s - m_s) - (d - m_d)) = a_s - (tail - m_d) (z_s - E_ids)
+    //                                       - sum_i e_s[id_i] (v_i - m_d),  E_ids = sum_i e_s[id_i]
+    acc_t cr = a_s, e_ids = 0;
+    for (int64_t i = 0; i < d.k; ++i) {
+      const acc_t es = e_s[d.ids[i]];
+      e_ids += es;
+      if (es > 0) cr -= es * (d.vals[i] - d.m_d);
+    }
+    if (d.n_tail > 0) {
+      const acc_t rest = zs - e_ids;  // z_s times the student's mass outside the ids
+      if (d.tail == kNegInf) {
+        if (rest > 0) cr = std::numeric_limits<acc_t>::infinity();
+      } else {
+        cr -= rest * (d.tail - d.m_d);
+      }
+    }
+    x_sum += w * cr / zs;
+    if (acc) {
+      // acc += w (d - m_d): the tail's value on every class, then each id's own.
+      const acc_t base = d.n_tail > 0 ? d.tail : d.m_d;
+      const V shift(w * (base - d.m_d));
+      for_blocks<acc_t>(C, [&](int64_t c, int64_t n) {
+        (V::loadu(acc + c, n) + shift).store(acc + c, n);
+      });
+      for (int64_t i = 0; i < d.k; ++i) acc[d.ids[i]] += w * (d.vals[i] - base);
+    }
+    return cr * inv_T / zs + (log_zd - log_zs);
+  }
+  // JSD: every class as a tail class (p = p_tail), then each id's terms replaced by its own.
+  const acc_t p_t = d.e_tail / d.z;
+  const acc_t l_t = p_t > 0 ? (d.tail - d.m_d) * inv_T - log_zd : acc_t(0);
+  const V inv_zs(acc_t(1) / zs), vlog_zs(log_zs), vm_s(m_s), vinv_T(inv_T), zero(0), vw(w);
+  const V vb(beta), vb1(acc_t(1) - beta), vl_t(l_t), vbp_t(beta * p_t);
+  const bool tail_mass = p_t > 0;
+  V d_sum(0), y_sum(0);
+  const V lane = V::arange(0, 1);
+  for_blocks<acc_t>(C, [&](int64_t c, int64_t n) {
+    const V q = V::loadu(e_s + c, n) * inv_zs;
+    const V m = at::vec::fmadd(vb1, q, vbp_t);
+    const V lm = m.log();
+    const V lq = (load<acc_t>(s + c, n, kNegInf) - vm_s) * vinv_T - vlog_zs;
+    const V live = m > zero;
+    const V dq = V::blendv(zero, lq - lm, (q > zero) & live);
+    const V tq = q * dq;
+    V term = vb1 * tq;
+    if (tail_mass) {
+      // Every class has p = p_tail here, the -inf ones of the student too; the lanes past the
+      // row's end have none.
+      const V in_row = n == V::size() ? live : live & (lane < V(static_cast<acc_t>(n)));
+      term = at::vec::fmadd(vbp_t, V::blendv(zero, vl_t - lm, in_row), term);
+    }
+    d_sum += term;
+    y_sum += tq;
+    if (acc) at::vec::fmadd(dq, vw, V::loadu(acc + c, n)).store(acc + c, n);
+  });
+  acc_t div_sum = hsum(d_sum), kl_qm = hsum(y_sum);
+  // The ids: their sweep terms (p = p_tail) out, their own (p = p_i) in.
+  const auto terms = [&](acc_t p, acc_t lp, acc_t q, acc_t lq, acc_t& dq) {
+    const acc_t m = beta * p + (acc_t(1) - beta) * q;
+    const acc_t lm = std::log(m);
+    dq = q > 0 && m > 0 ? lq - lm : acc_t(0);
+    const acc_t dp = p > 0 && m > 0 ? lp - lm : acc_t(0);
+    return beta * p * dp + (acc_t(1) - beta) * q * dq;
+  };
+  for (int64_t i = 0; i < d.k; ++i) {
+    const int32_t id = d.ids[i];
+    const acc_t q = e_s[id] / zs;
+    const acc_t lq = (static_cast<acc_t>(s[id]) - m_s) * inv_T - log_zs;
+    const acc_t rel = d.vals[i] - d.m_d;
+    const acc_t p = std::exp(rel * inv_T) / d.z;
+    acc_t dq_tail = 0, dq_own = 0;
+    div_sum -= terms(p_t, l_t, q, lq, dq_tail);
+    div_sum += terms(p, rel * inv_T - log_zd, q, lq, dq_own);
+    kl_qm += q * (dq_own - dq_tail);
+    if (acc) acc[id] += w * (dq_own - dq_tail);
+  }
+  x_sum += w * kl_qm;
+  return div_sum;
+}
+
+// The gradient row for reverse KL or JSD (see above), plus CE's v (softmax(s) - target); the
+// label's column is recomputed in acc_t so it is rounded once. `e_1` is exp(s - m_s) when CE runs
+// at T != 1 (null otherwise: softmax(s) is q).
+template <typename scalar_t, typename acc_t>
+void other_grad(int div, acc_t beta, acc_t w_sum, acc_t x_sum, acc_t v, acc_t eps, int64_t y,
+                const scalar_t* s, int64_t C, acc_t m_s, acc_t zs, acc_t z1, acc_t inv_T,
+                const acc_t* e_s, const acc_t* e_1, const acc_t* acc, scalar_t* g) {
+  using V = Vec<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const V inv_zs(acc_t(1) / zs), vm_s(m_s), vw(w_sum), vx(x_sum), vinv_T(inv_T), zero(0);
+  const V vb1(acc_t(1) - beta);
+  const acc_t* e_ce = e_1 ? e_1 : e_s;
+  const V vc_ce(v != 0 ? v / (e_1 ? z1 : zs) : acc_t(0));
+  const V v_off(v * eps / static_cast<acc_t>(C));
+  const auto grad_at = [&](int64_t c, int64_t n) {
+    const V q = V::loadu(e_s + c, n) * inv_zs;
+    const V a = V::loadu(acc + c, n);
+    const V term = div == kReverseKL
+                       ? q * vinv_T * (at::vec::fmsub(load<acc_t>(s + c, n, kNegInf) - vm_s, vw, a) - vx)
+                       : vb1 * q * (a - vx);
+    V out = V::blendv(zero, term, q > zero);
+    if (v != 0) out = at::vec::fmadd(V::loadu(e_ce + c, n), vc_ce, out) - v_off;
+    return out;
+  };
+  for_blocks<acc_t>(C, [&](int64_t c, int64_t n) { store<scalar_t>(g + c, grad_at(c, n), n); });
+  if (v != 0) {
+    acc_t lanes[V::size()];
+    grad_at(y, 1).store(lanes);
+    g[y] = static_cast<scalar_t>(lanes[0] - v * (acc_t(1) - eps));
+  }
+}
+
 template <typename scalar_t, typename teacher_t>
 void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -203,14 +409,20 @@ void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
   const acc_t eps = static_cast<acc_t>(a.label_smoothing);
   const bool has_ce = a.ce_coef != 0.0;
   const bool has_grad = a.grad != nullptr;
+  const int div = a.divergence;
+  const bool forward_kl = div == kForwardKL;
+  const acc_t beta = static_cast<acc_t>(a.beta);
 
   // Scratch rows: exp of the student at T, exp of the current teacher, the teachers' summed
-  // gradient term when K > 1, and exp of the student at T = 1 for CE when T != 1.
-  std::vector<acc_t> scratch(has_grad ? 4 * C : 0);
+  // gradient term (when K > 1 for forward KL; always for the other divergences), and exp of the
+  // student at T = 1 for CE when T != 1. Reverse KL and JSD read the student's exps in their
+  // losses too.
+  const bool keep_rows = has_grad || !forward_kl;
+  std::vector<acc_t> scratch(keep_rows ? 4 * C : 0);
   acc_t* e_s = scratch.data();
-  acc_t* e_t = e_s + (has_grad ? C : 0);
-  acc_t* acc_p = e_t + (has_grad ? C : 0);
-  acc_t* e_1 = acc_p + (has_grad ? C : 0);
+  acc_t* e_t = e_s + (keep_rows ? C : 0);
+  acc_t* acc_p = e_t + (keep_rows ? C : 0);
+  acc_t* e_1 = acc_p + (keep_rows ? C : 0);
 
   // Sparse teachers' scratch: the student's logits at the current teacher's ids and, for the
   // gradient, every teacher's k exponentials (applied after the gradient sweep).
@@ -259,14 +471,17 @@ void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
     // Student: max, then exp(s/T - max/T) (and exp(s - max) for CE at T != 1) in one sweep.
     const acc_t m_s = finite_or_zero(row_max<acc_t>(s, C));
     const bool need_e1 = v != 0 && !unit_T;
-    V z_s(0), z_1(0), sum_s(0);  // sum_s: sum of s - m_s (label smoothing)
+    // A: sum_c e_s (s_c - m_s), reverse KL's student term against sparse teachers.
+    const bool need_a = div == kReverseKL && J > 0;
+    V z_s(0), z_1(0), sum_s(0), a_s(0);  // sum_s: sum of s - m_s (label smoothing)
     const V vm_s(m_s);
     const ScaledExp<acc_t> exp_q(inv_T, m_s), exp_1(1, m_s);
     for_blocks<acc_t>(C, [&](int64_t c, int64_t n) {
       const V x = load<acc_t>(s + c, n, kNegInf);
       const V e = exp_q(x);
       z_s += e;
-      if (has_grad) e.store(e_s + c, n);
+      if (keep_rows) e.store(e_s + c, n);
+      if (need_a) a_s = V::blendv(a_s, at::vec::fmadd(e, x - vm_s, a_s), e > V(0));
       if (need_e1) {
         const V e1 = exp_1(x);
         z_1 += e1;
@@ -277,8 +492,12 @@ void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
     // Log-sum-exps are kept relative to the row maxima (lse(s / T) = m_s / T + log_zs), and the
     // maxima cancel before anything is added to them: with a large common offset in the logits,
     // adding the absolute log-sum-exps would round the loss to the offset's ulp.
-    const acc_t log_zs = std::log(hsum(z_s));
+    const acc_t zs = hsum(z_s);
+    const acc_t log_zs = std::log(zs);
     const acc_t z1 = need_e1 ? hsum(z_1) : acc_t(0);
+    // Reverse KL and JSD: the teachers' gradient terms accumulate in acc_p (see other_grad).
+    if (!forward_kl && has_grad) std::fill(acc_p, acc_p + C, acc_t(0));
+    acc_t x_sum = 0;  // sum_k w_k X_k (reverse KL) or sum_k w_k KL_k(q || m) (JSD)
 
     // With one active teacher its exps stay in e_t and are scaled in the gradient sweep; with
     // several, acc_p accumulates sum_k (w_k / z_k) exp_k.
@@ -292,6 +511,12 @@ void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
       const auto* t = static_cast<const teacher_t*>(a.teachers[k]) +
                       row_offset(b, a.inner, a.t_stride_outer[k], a.t_stride_inner[k]);
       const acc_t m_t = finite_or_zero(row_max<acc_t>(t, C));
+      if (!forward_kl) {
+        loss += w[k] * T *
+                dense_divergence<acc_t>(div, beta, w[k], s, t, C, m_s, zs, m_t, inv_T, e_s, e_t,
+                                        has_grad ? acc_p : nullptr, x_sum);
+        continue;
+      }
       const ScaledExp<acc_t> exp_p(inv_T, m_t);
       V z_t(0), cross(0);
       for_blocks<acc_t>(C, [&](int64_t c, int64_t n) {
@@ -363,6 +588,13 @@ void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
         if (has_grad) e.store(e_j + c, n);
       });
       const acc_t zd = hsum(z_d) + static_cast<acc_t>(n_tail) * e_tail;
+      if (!forward_kl) {
+        const SparseRow<acc_t> d{ids, vals, kj, n_tail, tail, m_d, zd, e_tail};
+        loss += wj * T *
+                sparse_divergence<acc_t>(div, beta, wj, s, C, m_s, zs, hsum(a_s), inv_T, e_s, d,
+                                         has_grad ? acc_p : nullptr, x_sum);
+        continue;
+      }
       acc_t cr = hsum(cross);
       if (tail_mass) {
         // sum over the tail classes of (tail - m_d) - (s_c - m_s) = n_tail (tail - m_d) - rest.
@@ -403,9 +635,11 @@ void kd_loss_rows(const KDLossArgs& a, int64_t begin, int64_t end) {
     }
     row_loss[b] = loss;
 
-    if (has_grad) {
+    if (has_grad && !forward_kl) {
+      other_grad<scalar_t, acc_t>(div, beta, w_sum, x_sum, v, eps, y, s, C, m_s, zs, z1,
+                                  inv_T, e_s, need_e1 ? e_1 : nullptr, acc_p, g);
+    } else if (has_grad) {
       // g = (sum_k w_k) q - sum_k w_k p_k + v (softmax(s) - eps / C) - v (1 - eps) onehot(y)
-      const acc_t zs = hsum(z_s);
       const acc_t c_q = w_sum / zs + (v != 0 && unit_T ? v / zs : acc_t(0));
       const acc_t c_1 = need_e1 ? v / z1 : acc_t(0);
       const acc_t c_off = v * eps / static_cast<acc_t>(C) + c_tail;

@@ -7,6 +7,10 @@ Variants (temperature 4 throughout):
 * ``guided``  -- guided KD: only rows whose teacher argmax equals the label count, divided by their
   number (labels agree with the teacher on about 70 % of rows).
 * ``cohort3`` -- KD summed over three teachers (a DIH-style cohort).
+* ``reverse``, ``jsd`` -- reverse KL ``T^2 KL(q || p)`` and the generalised Jensen-Shannon
+  divergence at ``beta = 0.5``, at T=1 as in on-policy language-model distillation. Eager is TRL's
+  ``generalized_jsd_loss`` as it is written (``beta=1`` is its reverse KL), times ``T^2``; Liger's
+  peer is ``LigerJSD`` (CUDA only). The issue's target shape: ``[4096, 32000]`` fp32.
 * ``sparse64``, ``sparse32`` -- KD from a sparse teacher: the teacher's top 64 (32) classes as
   float32 log-probabilities with int32 ids, tail ``"uniform"`` (``fastkd.SparseTeacher``). Peers:
   ``fastkd-dense`` (fastkd on the same target materialised as a dense teacher), eager on the
@@ -70,6 +74,8 @@ class Variant:
     teachers: int = 1
     # Classes of the sparse teacher's top k (None: a dense teacher).
     sparse_k: int | None = None
+    divergence: str = "forward_kl"
+    beta: float = 0.5
 
     @property
     def labels(self) -> bool:
@@ -81,6 +87,10 @@ VARIANTS = {
     "ce": Variant("0.9 * KD + 0.1 * cross-entropy on labels, T=4", alpha=0.9),
     "guided": Variant("guided KD: rows whose teacher is right count, T=4", guided=True),
     "cohort3": Variant("KD summed over 3 teachers, T=4", teachers=3),
+    "reverse": Variant("reverse KL, T^2 KL(q || p), T=1", temperature=1.0,
+                       divergence="reverse_kl"),
+    "jsd": Variant("generalised JSD, beta=0.5, times T^2, T=1", temperature=1.0,
+                   divergence="jsd"),
     "sparse64": Variant("KD from the teacher's top 64 classes (SparseTeacher, uniform tail), "
                         "T=4; teacher read: 512 B/row", sparse_k=64),
     "sparse32": Variant("KD from the teacher's top 32 classes (SparseTeacher, uniform tail), "
@@ -93,6 +103,8 @@ SPARSE_ENTRY_BYTES = 4 + 4
 def eager_kd(variant: Variant):
     """The KD loss as people write it in PyTorch, for one variant."""
     T, alpha, guided = variant.temperature, variant.alpha, variant.guided
+    if variant.divergence != "forward_kl":
+        return eager_generalized_jsd(variant)
 
     def kd_loss_eager(s: torch.Tensor, teachers: tuple, y: torch.Tensor | None) -> torch.Tensor:
         log_q = F.log_softmax(s / T, dim=-1)
@@ -111,6 +123,48 @@ def eager_kd(variant: Variant):
         return alpha * kd + (1.0 - alpha) * F.cross_entropy(s, y)
 
     return kd_loss_eager
+
+
+def eager_generalized_jsd(variant: Variant):
+    """TRL's ``generalized_jsd_loss`` (its GKD trainer) as it is written there, batchmean, times
+    ``T^2``: reverse KL is its ``beta=1`` branch, the JSD its log-mixture of two ``kl_div``s."""
+    T = variant.temperature
+    beta = 1.0 if variant.divergence == "reverse_kl" else variant.beta
+
+    def generalized_jsd_eager(s: torch.Tensor, teachers: tuple, y: torch.Tensor | None):
+        student_log_probs = F.log_softmax(s / T, dim=-1)
+        teacher_log_probs = F.log_softmax(teachers[0] / T, dim=-1)
+        if beta == 1.0:
+            jsd = F.kl_div(teacher_log_probs, student_log_probs, reduction="none",
+                           log_target=True)
+        else:
+            b = torch.tensor(beta, dtype=student_log_probs.dtype, device=s.device)
+            mixture_log_probs = torch.logsumexp(
+                torch.stack([student_log_probs + torch.log(1 - b),
+                             teacher_log_probs + torch.log(b)]),
+                dim=0,
+            )
+            kl_teacher = F.kl_div(mixture_log_probs, teacher_log_probs, reduction="none",
+                                  log_target=True)
+            kl_student = F.kl_div(mixture_log_probs, student_log_probs, reduction="none",
+                                  log_target=True)
+            jsd = b * kl_teacher + (1 - b) * kl_student
+        return jsd.sum() / jsd.size(0) * (T * T)
+
+    return generalized_jsd_eager
+
+
+def liger_jsd(variant: Variant):
+    """``LigerJSD`` on log-softmaxed logits (its beta=1 is reverse KL), times ``T^2``."""
+    from liger_kernel.transformers import LigerJSD
+
+    T = variant.temperature
+    jsd = LigerJSD(beta=1.0 if variant.divergence == "reverse_kl" else variant.beta)
+
+    def jsd_liger(s: torch.Tensor, teachers: tuple, y: torch.Tensor | None) -> torch.Tensor:
+        return jsd(F.log_softmax(s / T, dim=-1), F.log_softmax(teachers[0] / T, dim=-1)) * T * T
+
+    return jsd_liger
 
 
 def liger_kd(variant: Variant):
@@ -171,6 +225,8 @@ def fastkd_kd(variant: Variant, backend: str):
             temperature=variant.temperature,
             alpha=variant.alpha,
             guided=variant.guided,
+            divergence=variant.divergence,
+            beta=variant.beta,
             backend=backend,
         )
 
@@ -248,7 +304,7 @@ class KDLossBench(LossBench):
         if v.guided:
             return Skip("liger", "LigerKLDIVLoss takes no row mask, so guided KD has no Liger form")
         try:
-            fn = liger_kd(v)
+            fn = liger_kd(v) if v.divergence == "forward_kl" else liger_jsd(v)
         except ImportError as e:
             return Skip("liger", f"liger_kernel is not importable ({e})")
         return Impl("liger", constant(fn))
