@@ -34,6 +34,33 @@ statistics (``m_s``, ``log z_q`` and ``sum_c (s_c - m_s)``, the last kept only w
 
 An id outside ``[0, C)`` raises on CPU tensors (the interpreter, like the C++ op); in a compiled
 kernel it makes the row's loss NaN and drops that entry's correction (no host sync).
+
+Divergences (``DIVERGENCE``, a constexpr: forward KL compiles as above, the others add their own
+code): the term of teacher k is ``T w_k D_k`` and its gradient ``w_k dD_k/dz`` (z = s / T), with
+``lq = log q``, ``lp = log p``, ``e_s = exp((s - m_s) / T)``, ``z_q = sum e_s``:
+
+* 0, forward KL: ``D = KL(p || q)``, ``dD/dz = q - p`` (above).
+* 1, reverse KL: ``D = KL(q || p) = X / T + log z_t - log z_q`` with
+  ``X = sum_c e_s_c ((s_c - m_s) - (t_c - m_t)) / z_q``, summed during the teacher's
+  log-sum-exp sweep (e_s is final there; a new teacher maximum shifts the earlier chunks' terms
+  by ``(m_new - m_old) sum e_s``), no sweep of its own. ``dD/dz = q (diff - X) / T``, so the
+  gradient sweep takes ``(q / T) (W (s - m_s) - sum_k w_k (t_k - m_k) - c_row)``,
+  ``W = sum_k w_k``, ``c_row = sum_k w_k X_k``. A sparse teacher's ``X`` is
+  ``[A - sum_i e_s[id_i] (v_i - m) - (tail - m) (z_q - sum_i e_s[id_i])] / z_q`` with the student
+  statistic ``A = sum_c e_s_c (s_c - m_s)`` (kept online in the student sweep); the gradient
+  sweep treats every class as a tail class (``base = tail``, or ``m`` when k == C, in ``c_row``)
+  and the fix-up adds ``(w / T) q_i (base - v_i)`` at each id. ``q = 0`` contributes exactly 0;
+  ``p = 0`` where ``q > 0`` gives +inf (the divergence is infinite).
+* 2, JSD(beta): ``m = beta p + (1 - beta) q``, ``lm = log m`` (one log per class and teacher),
+  ``D = sum_c [beta p (lp - lm) + (1 - beta) q (lq - lm)]``, ``Y = KL(q || m)``,
+  ``dD/dz = (1 - beta) q (lq - lm - Y)`` (``dD/dq = (1 - beta)(lq - lm)`` exactly, then the
+  softmax Jacobian). D and Y need the teachers' final statistics: a third sweep over the row
+  (after the log-sum-exp sweeps; one chunk and a cache hit when ``C <= BLOCK_C``) sums them for
+  every teacher at once, the gradient sweep takes ``(1 - beta) q (sum_k w_k (lq - lm_k) -
+  c_row)``, ``c_row = sum_k w_k Y_k``. A sparse teacher counts every class with ``p = p_tail``
+  in those sweeps; a third pass over its k entries replaces the tail's terms of D and Y by the
+  ids' own, and the fix-up adds ``w (1 - beta) q_i (lm_tail,i - lm_i)`` at each id. A term whose
+  weight p or q is 0 contributes exactly 0 (so ``p_tail = 0``, tail ``-inf``, is fine).
 """
 
 from __future__ import annotations
