@@ -14,8 +14,9 @@ The rows (the leading dims of ``h`` flattened, ``N`` of them) are processed in c
 multiply with float32 accumulation), the teacher's likewise for a `LinearTeacher` (a dense or
 sparse teacher is sliced), one call of the fused KD kernel (``fastkd::kd_loss_fwd``) that returns
 the chunk's loss and the gradient of its logits, then that gradient carried to the hidden states
-(``g @ W``), the weight (``W.grad += g.T @ h``, accumulated in float32 for bf16/fp16 weights) and
-the bias (``g.sum(0)``); the chunk's logits and their gradient are freed before the next chunk.
+(``g @ W``), the weight (``W.grad += g.T @ h``, one in-place ``addmm_`` per chunk) and the bias
+(``g.sum(0)``, summed in float32); the chunk's logits and their gradient are freed before the next
+chunk.
 Neither model's ``[N, C]`` logits ever exist: the extra memory is ``O(chunk_size * C)`` plus the
 gradients themselves. The kernel's coefficients and per-row weights (``1 / |counted rows|``) are
 planned once for all ``N`` rows, so ``"batchmean"`` normalises by the whole batch, exactly as the
@@ -50,20 +51,22 @@ from .kd_loss import (
 )
 
 # chunk_size=None: the rows whose [chunk, C] logits hold as many elements as the [N, H] hidden
-# states (so each per-chunk buffer is no larger than the student's input), rounded down to a
-# multiple of _CHUNK_ALIGN, at least _MIN_CHUNK (a matmul of fewer rows runs far below the
-# machine's peak), at most N.
-_MIN_CHUNK = 64
-_CHUNK_ALIGN = 64
+# states, rounded down to a multiple of _CHUNK_ALIGN and clamped to [_MIN_CHUNK, _MAX_CHUNK], at
+# most N. Below _MIN_CHUNK rows the in-place accumulation of the weight's gradient (one read and
+# write of W per chunk) costs more than the chunk's matmuls; above _MAX_CHUNK a chunk only adds
+# memory.
+_MIN_CHUNK = 256
+_MAX_CHUNK = 1024
+_CHUNK_ALIGN = 256
 
 
 def default_chunk_size(rows: int, hidden: int, classes: int) -> int:
-    """The ``chunk_size`` that ``chunk_size=None`` picks for ``rows`` rows of ``hidden`` features
-    and ``classes`` classes: ``min(N, max(64, floor(N * H / C / 64) * 64))``. Each of the
-    chunk's three ``[chunk, C]`` buffers (student logits, teacher logits, their gradient) then
-    holds about as many elements as the hidden states, and at most ``64 * C`` more."""
-    target = rows * hidden // max(classes, 1)
-    return max(1, min(rows, max(_MIN_CHUNK, target // _CHUNK_ALIGN * _CHUNK_ALIGN)))
+    """The ``chunk_size`` that ``chunk_size=None`` picks for ``rows`` (N) rows of ``hidden`` (H)
+    features and ``classes`` (C) classes: ``min(N, clamp(floor(N * H / C / 256) * 256, 256,
+    1024))``. Each of the chunk's ``[chunk, C]`` buffers (student logits, teacher logits, their
+    gradient) then holds about as many elements as the hidden states, within 256 to 1024 rows."""
+    target = rows * hidden // max(classes, 1) // _CHUNK_ALIGN * _CHUNK_ALIGN
+    return max(1, min(rows, _MAX_CHUNK, max(_MIN_CHUNK, target)))
 
 
 def linear_kd_loss(
@@ -94,8 +97,9 @@ def linear_kd_loss(
         student_hidden: ``[..., H]`` float32/bfloat16/float16 (float64 on the CPU) hidden states,
             e.g. ``[B, L, H]`` for a language model.
         student_weight: ``[C, H]`` head weight, in ``student_hidden``'s dtype (bf16/fp16 weights
-            multiply with float32 accumulation; their gradient is accumulated over chunks in
-            float32 and rounded once).
+            multiply with float32 accumulation inside each matmul; the weight's gradient is
+            summed over chunks in place, in its dtype, so a bf16 gradient is rounded once per
+            chunk, as Liger-Kernel's chunked losses do).
         teacher: dense teacher logits ``[..., C]`` (the hidden states' leading dims), a
             `fastkd.SparseTeacher` (its top-k classes per row) or a `fastkd.LinearTeacher`
             (``hidden [..., H_t]``, ``weight [C, H_t]``, optional bias: the teacher's head runs
@@ -110,9 +114,10 @@ def linear_kd_loss(
             per-row losses would need each row's gradient scaled in the backward, i.e. the
             ``[N, C]`` logit gradient kept or recomputed.
         chunk_size: rows per chunk; ``None`` picks ``default_chunk_size(N, H, C)`` =
-            ``min(N, max(64, floor(N * H / C / 64) * 64))``: each ``[chunk, C]`` buffer about the
-            size of the hidden states. Any positive value gives the same loss up to float
-            rounding; larger chunks use more memory.
+            ``min(N, clamp(floor(N * H / C / 256) * 256, 256, 1024))``: each ``[chunk, C]``
+            buffer about the size of the hidden states, within 256 to 1024 rows. Any positive
+            value gives the same loss up to float rounding; larger chunks use more memory
+            (three ``[chunk, C]`` buffers at a time).
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (the fused
             kernel on each chunk's logits; ``"torch"`` runs the plain-PyTorch reference per chunk
             instead, with autograd for the chunk's gradient).
@@ -411,8 +416,12 @@ def _chunk_loop(
     want_b = want_b and bias is not None
     want = want_h or want_w or want_b
     grad_h = torch.empty_like(hidden) if want_h else hidden.new_empty((0,))
-    # bf16/fp16 weight gradients are summed over chunks in float32 and rounded once at the end.
-    grad_w_acc = weight.new_zeros(weight.shape, dtype=acc) if want_w else None
+    # The weight's gradient is accumulated in place, in its dtype: each chunk's g.T @ h runs as
+    # one addmm_ (float32 accumulation inside the matmul, for bf16/fp16 too), so a bf16 sum is
+    # rounded to bf16 once per chunk. A float32 accumulator would add 2 x |W| bytes (4/3 of a
+    # bf16 weight's size more, with the final cast) and an extra pass over it per chunk: CPU
+    # matmuls do not take a float32 output for bf16 operands.
+    grad_w = torch.empty_like(weight) if want_w else weight.new_empty((0,))
     grad_b_acc = weight.new_zeros((classes,), dtype=acc) if want_b else None
     loss = hidden.new_zeros((), dtype=acc)
     wt = weight.t()
@@ -447,17 +456,13 @@ def _chunk_loop(
         if want_h:
             torch.mm(g, weight, out=grad_h[start:end])
         if want_w:
-            if g.dtype == acc:
-                grad_w_acc.addmm_(g.t(), h)
+            if start == 0:
+                torch.mm(g.t(), h, out=grad_w)
             else:
-                grad_w_acc += torch.mm(g.t(), h)
+                grad_w.addmm_(g.t(), h)
         if want_b:
             grad_b_acc += g.sum(0, dtype=acc)
         del g
-    grad_w = (
-        (grad_w_acc if grad_w_acc.dtype == weight.dtype else grad_w_acc.to(weight.dtype))
-        if want_w else weight.new_empty((0,))
-    )
     grad_b = (
         (grad_b_acc if grad_b_acc.dtype == bias.dtype else grad_b_acc.to(bias.dtype))
         if want_b else hidden.new_empty((0,))
