@@ -61,7 +61,10 @@ def _positive(text: str) -> float:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    from .linear_kd_loss import add_parser as add_head_parser
+
     _add_bench_parser(sub)
+    add_head_parser(sub)
     _add_report_parser(sub)
     _add_tune_parser(sub)
 
