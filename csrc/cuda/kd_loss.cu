@@ -51,7 +51,6 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
                 "fastkd: the CUDA kernel does not take float64 teacher logits; convert them to "
                 "float32 or run on the CPU backend");
   }
-  TORCH_CHECK(divergence == kForwardKL, "fastkd: the CUDA kernel computes forward KL only");
   c10::cuda::CUDAGuard guard(student.device());
   KDLossBuffers out;
   const KDLossArgs a =

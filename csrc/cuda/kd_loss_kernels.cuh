@@ -8,6 +8,10 @@
 //   KL(p_k || q) = sum_c p_kc (t_kc - s_c) / T + lse(s / T) - lse(t_k / T)
 //   CE = lse(s) - (1 - eps) * s_y - eps / C * sum_c s_c
 //
+// The divergence (KDLossArgs::divergence) is a template parameter of the kernels: forward KL above;
+// reverse KL and JSD(beta) (math in "Reverse KL and JSD" below) replace each teacher's KL term and
+// its gradient term, everything else (CE, smoothing, row weights, sparse teachers) unchanged.
+//
 // Shapes: student and teachers [outer, inner, C] with stride 1 over C and any outer/inner strides;
 // labels and row weights [rows]; per-row losses [rows] float32; gradient [rows, C] contiguous in
 // the student's dtype. float16/bfloat16/float32 logits, any student x teacher combination; float64
@@ -68,6 +72,12 @@ constexpr int kResidentElems = 16;
 // Threads per row at most in the resident kernel; wider rows stream.
 constexpr int kResidentMaxThreads = 512;
 constexpr int kResidentMaxCols = kResidentElems * kResidentMaxThreads;
+// The same for reverse KL and JSD (csrc/kd_loss.h's divergence), whose resident kernel keeps the
+// same three register rows (student, teacher, acc) with one element per access.
+constexpr int kDivResidentElems = 8;
+constexpr int resident_elems(int divergence) {
+  return divergence == kForwardKL ? kResidentElems : kDivResidentElems;
+}
 static_assert(kResidentElems % 8 == 0, "a thread's share is a whole number of 16-byte vectors");
 static_assert(kResidentMaxThreads >= 64 && kResidentMaxThreads <= 1024 &&
                   (kResidentMaxThreads & (kResidentMaxThreads - 1)) == 0,
@@ -364,12 +374,218 @@ __device__ void sparse_teacher_fixup(const KDLossArgs& a, int j, bool first, int
   }
 }
 
+// ---- Reverse KL and JSD (KDLossArgs::divergence 1 and 2) ---------------------------------------
+//
+// Per row, with e_c = exp((s_c - m_s) / T), q = e / z_s, lq = (s - m_s) / T - log z_s (e_t, p and
+// lp likewise for a teacher), each teacher's D and its gradient term w dD/dz are
+//   reverse KL: u_c = (s_c - m_s) - (t_c - m_t),  X = sum_c q_c u_c,  D = X / T + log z_t - log z_s
+//               grad term  w q_c (u_c - X) / T
+//   JSD(beta):  mix_c = beta p_c + (1 - beta) q_c,  u_c = lq_c - log mix_c,  Y = sum_c q_c u_c
+//               D = beta sum_c p_c (lp_c - log mix_c) + (1 - beta) Y
+//               grad term  w (1 - beta) q_c (u_c - Y)
+// (relative to both maxima: no difference of logit-sized numbers). A term whose weight (q_c, or
+// p_c for JSD's p term) is 0, or where mix_c is 0, contributes exactly 0 (a select, not a product),
+// and so does the gradient entry of a class with q_c = 0. The teachers' gradient terms add up to
+//   q_c g_div (acc_c + w_sp (s_c - m_s) - R),  g_div = 1 / T (reverse KL) or 1 - beta (JSD),
+// acc_c = sum_k w_k u_kc (a register row in the resident kernel, recomputed per step in the
+// streaming one), R = sum_k w_k X_k (Y_k) and w_sp the reverse-KL sparse teachers' weight (below).
+//
+// Sparse teachers (d = values at the ids, tail elsewhere; m the reference point of d):
+//   reverse KL: X = [A - sum_i e[id_i] (v_i - m) - (tail - m) (z_s - sum_i e[id_i])] / z_s with
+//     A = sum_c e_c (s_c - m_s) (no tail term when C = k). In the gradient, u_c = (s_c - m_s) -
+//     (tail - m) is w_sp (s_c - m_s) and a row constant in R; the ids then add
+//     w q_id ((tail - m) - (v_i - m)) / T (with tail - m read as 0 when C = k).
+//   JSD: every class outside the ids has p = p_tail, so a full sweep over the student computes
+//     the tail-based terms (and adds their u to acc_c), and the k ids replace theirs by the real
+//     ones: in the loss from the ids' two reductions, in the gradient by a fix-up
+//     w (1 - beta) q_id (u_id - u_tail,id) after the row's stores (read back, in the student's
+//     dtype: a bf16/fp16 entry at an id is rounded twice).
+// These kernels take one element per access (VEC = 1) and the resident kernel always keeps the
+// acc row (MULTI): every layout runs on the instantiations one divergence adds (resident and
+// streaming kernel per student x teacher dtype), at the cost of the 16-byte vector accesses.
+
+// A sparse teacher's statistics on a row for reverse KL and JSD, the same in every thread.
+struct DivSparseRow {
+  float m;        // reference point of d: max(max values, tail when C > k), or 0 when not finite
+  float log_z;    // log sum_c exp((d_c - m) / T)
+  float inv_z;    // 1 / that sum
+  float p_tail;   // JSD: the probability of each class outside the ids (0 when C = k)
+  float base;     // reverse KL: tail - m (0 when C = k); JSD: lp of the tail
+  float w;        // the teacher's weight on the row
+};
+
+// JSD's terms at one class: p (lp - log mix) into `pt` and u = lq - log mix, each 0 where its
+// weight (p, q) or mix is 0 (then log mix is -inf and the other factor may be too).
+__device__ __forceinline__ void jsd_terms(float p, float lp, float q, float lq, float beta,
+                                          float omb, float& pt, float& u) {
+  const float mix = beta * p + omb * q;
+  const float lm = __logf(mix);
+  pt = p > 0.0f && mix > 0.0f ? p * (lp - lm) : 0.0f;
+  u = q > 0.0f && mix > 0.0f ? lq - lm : 0.0f;
+}
+
+// The max of a sparse teacher's values (all threads of the row) and whether an id lies outside
+// [0, C): shared by both divergences.
+template <typename Group>
+__device__ float sparse_max(const KDLossArgs& a, int j, int64_t row, int lane, int threads,
+                            Group& group, bool& bad) {
+  const int C = static_cast<int>(a.cols);
+  const int64_t k = a.sparse_k[j];
+  const int32_t* ids = a.sparse_ids[j] + row * k;
+  const float* vals = static_cast<const float*>(a.sparse_values[j]) + row * k;
+  const float tail = static_cast<const float*>(a.sparse_tails[j])[row];
+  float mb[2] = {neg_inf(), 0.0f};
+  for (int64_t i = lane; i < k; i += threads) {
+    mb[0] = fmaxf(mb[0], vals[i]);
+    if (ids[i] < 0 || ids[i] >= C) mb[1] = 1.0f;
+  }
+  group.max(mb);
+  bad = bad || mb[1] != 0.0f;
+  return finite_or_zero(k < C ? fmaxf(mb[0], tail) : mb[0]);
+}
+
+// Reverse KL: teacher num_teachers + j's term of the row's loss (w T D); fills `r` and returns in
+// `x_out` X (+ tail - m), its share of R. `a_s` is A = sum_c e_c (s_c - m_s).
+template <typename S, typename Group>
+__device__ float sparse_rkl_loss(const KDLossArgs& a, int j, int64_t row, const S* s_row,
+                                 float m_s, float z_s, float log_zs, float a_s, float w, float T,
+                                 float inv_T, int lane, int threads, Group& group, DivSparseRow& r,
+                                 float& r_out, bool& bad) {
+  const int C = static_cast<int>(a.cols);
+  const int64_t k = a.sparse_k[j];
+  const int32_t* ids = a.sparse_ids[j] + row * k;
+  const float* vals = static_cast<const float*>(a.sparse_values[j]) + row * k;
+  const float tail = static_cast<const float*>(a.sparse_tails[j])[row];
+  const float m = sparse_max(a, j, row, lane, threads, group, bad);
+  // acc: sum_i exp((v_i - m) / T), sum_i e[id_i], sum_i e[id_i] (v_i - m) (0 where e = 0).
+  float acc[3] = {0.0f, 0.0f, 0.0f};
+  for (int64_t i = lane; i < k; i += threads) {
+    const int id = ids[i];
+    const float v = vals[i] - m;
+    acc[0] += __expf(v * inv_T);
+    if (id >= 0 && id < C) {
+      const float e = __expf((static_cast<float>(s_row[id]) - m_s) * inv_T);
+      acc[1] += e;
+      acc[2] += e > 0.0f ? e * v : 0.0f;
+    }
+  }
+  group.sum(acc);
+  const bool has_tail = k < C;
+  const float base = has_tail ? tail - m : 0.0f;
+  const float z = acc[0] + (has_tail ? static_cast<float>(C - k) * __expf(base * inv_T) : 0.0f);
+  float cross = a_s - acc[2];
+  const float rest = z_s - acc[1];  // the student's mass outside the ids (times z_s)
+  if (has_tail && rest > 0.0f) cross -= base * rest;
+  const float x = cross / z_s;
+  r.m = m;
+  r.log_z = __logf(z);
+  r.inv_z = 1.0f / z;
+  r.p_tail = 0.0f;
+  r.base = base;
+  r.w = w;
+  r_out = x + base;
+  return w * (x + T * (r.log_z - log_zs));
+}
+
+// JSD, first part: the statistics of teacher num_teachers + j's d on the row (fills `r`).
+template <typename Group>
+__device__ void sparse_jsd_stats(const KDLossArgs& a, int j, int64_t row, float w, float inv_T,
+                                 int lane, int threads, Group& group, DivSparseRow& r, bool& bad) {
+  const int C = static_cast<int>(a.cols);
+  const int64_t k = a.sparse_k[j];
+  const float* vals = static_cast<const float*>(a.sparse_values[j]) + row * k;
+  const float tail = static_cast<const float*>(a.sparse_tails[j])[row];
+  const float m = sparse_max(a, j, row, lane, threads, group, bad);
+  float z[1] = {0.0f};
+  for (int64_t i = lane; i < k; i += threads) z[0] += __expf((vals[i] - m) * inv_T);
+  group.sum(z);
+  const bool has_tail = k < C;
+  const float e_tail = has_tail ? __expf((tail - m) * inv_T) : 0.0f;
+  const float zt = z[0] + (has_tail ? static_cast<float>(C - k) * e_tail : 0.0f);
+  r.m = m;
+  r.log_z = __logf(zt);
+  r.inv_z = 1.0f / zt;
+  r.p_tail = e_tail * r.inv_z;
+  r.base = has_tail ? (tail - m) * inv_T - r.log_z : 0.0f;
+  r.w = w;
+}
+
+// JSD at one id: q there and the changes (real minus tail-based) of the p term and of u.
+template <typename S>
+__device__ __forceinline__ float jsd_id_terms(const DivSparseRow& r, float v, const S* s_row,
+                                              int id, float m_s, float inv_zs, float log_zs,
+                                              float inv_T, float beta, float omb, float& d_pt,
+                                              float& d_u) {
+  const float xs = (static_cast<float>(s_row[id]) - m_s) * inv_T;
+  const float q = __expf(xs) * inv_zs;
+  const float lq = xs - log_zs;
+  const float lp = (v - r.m) * inv_T;
+  float pt_i, u_i, pt_t, u_t;
+  jsd_terms(__expf(lp) * r.inv_z, lp - r.log_z, q, lq, beta, omb, pt_i, u_i);
+  jsd_terms(r.p_tail, r.base, q, lq, beta, omb, pt_t, u_t);
+  d_pt = pt_i - pt_t;
+  d_u = u_i - u_t;
+  return q;
+}
+
+// JSD, second part: this thread's share of the ids' corrections to sum p (lp - log mix) and Y,
+// added to part[0] and part[1] (the tail-based sweep over the row adds the rest).
+template <typename S>
+__device__ void sparse_jsd_ids(const KDLossArgs& a, int j, int64_t row, const S* s_row,
+                               const DivSparseRow& r, float m_s, float inv_zs, float log_zs,
+                               float inv_T, float beta, float omb, int lane, int threads,
+                               float (&part)[2]) {
+  const int C = static_cast<int>(a.cols);
+  const int64_t k = a.sparse_k[j];
+  const int32_t* ids = a.sparse_ids[j] + row * k;
+  const float* vals = static_cast<const float*>(a.sparse_values[j]) + row * k;
+  for (int64_t i = lane; i < k; i += threads) {
+    const int id = ids[i];
+    if (id < 0 || id >= C) continue;
+    float d_pt, d_u;
+    const float q =
+        jsd_id_terms(r, vals[i], s_row, id, m_s, inv_zs, log_zs, inv_T, beta, omb, d_pt, d_u);
+    part[0] += d_pt;
+    part[1] += q * d_u;
+  }
+}
+
+// After the gradient sweep: a sparse teacher's corrections at its in-range ids (reverse KL:
+// w q (tail - v) / T; JSD: w (1 - beta) q (u_id - u_tail)), each entry read, corrected in float32
+// and stored; one teacher at a time, as their ids may overlap.
+template <int DIV, typename S>
+__device__ void div_sparse_fixup(const KDLossArgs& a, int j, int64_t row, const DivSparseRow& r,
+                                 const S* s_row, float m_s, float inv_zs, float log_zs,
+                                 float inv_T, float beta, float omb, S* g_row, int lane,
+                                 int threads) {
+  const int C = static_cast<int>(a.cols);
+  const int64_t k = a.sparse_k[j];
+  const int32_t* ids = a.sparse_ids[j] + row * k;
+  const float* vals = static_cast<const float*>(a.sparse_values[j]) + row * k;
+  for (int64_t i = lane; i < k; i += threads) {
+    const int id = ids[i];
+    if (id < 0 || id >= C) continue;
+    float fix;
+    if constexpr (DIV == kReverseKL) {
+      const float q = __expf((static_cast<float>(s_row[id]) - m_s) * inv_T) * inv_zs;
+      fix = q > 0.0f ? r.w * inv_T * q * (r.base - (vals[i] - r.m)) : 0.0f;
+    } else {
+      float d_pt, d_u;
+      const float q =
+          jsd_id_terms(r, vals[i], s_row, id, m_s, inv_zs, log_zs, inv_T, beta, omb, d_pt, d_u);
+      fix = r.w * omb * q * d_u;
+    }
+    g_row[id] = static_cast<S>(static_cast<float>(g_row[id]) + fix);
+  }
+}
+
 // ---- Resident kernel: a row in registers --------------------------------------------------------
 //
 // `tpr` threads (a power of two, 32 to kResidentMaxThreads) hold one row: thread `lane` holds the
 // VEC-wide vectors j * tpr + lane, j < CH, so every access of a warp is contiguous. A block holds
 // kWarpRowsPerBlock rows when tpr = 32 and one row otherwise. MULTI (more than one teacher) adds a
-// register array for sum_k (w_k / z_k) exp_k.
+// register array for sum_k (w_k / z_k) exp_k. DIV is the divergence (see above: reverse KL and JSD
+// run with VEC = 1 and MULTI, the array then holding acc_c, and kDivResidentElems per thread).
 template <int CH, int VEC, typename T>
 __device__ __forceinline__ void load_resident(const T* row, float (&x)[CH][VEC], int nch, int tpr,
                                               int lane, int C) {
@@ -385,14 +601,16 @@ __device__ __forceinline__ void load_resident(const T* row, float (&x)[CH][VEC],
   }
 }
 
-template <typename S, typename Tt, int VEC, bool MULTI>
+template <typename S, typename Tt, int VEC, bool MULTI, int DIV>
 __global__ void __launch_bounds__(kResidentMaxThreads)
     kd_loss_resident_kernel(const __grid_constant__ KDLossArgs a, int tpr) {
-  constexpr int CH = kResidentElems / VEC;
+  static_assert(DIV == kForwardKL || (VEC == 1 && MULTI), "see resident_elems");
+  constexpr int CH = resident_elems(DIV) / VEC;
   using Group = RowGroup<kResidentMaxThreads / 32, 4>;
   __shared__ float smem[Group::kSmemFloats];
   // Each row's sparse-teacher statistics, for the fix-up after its gradient sweep.
-  __shared__ SparseRow sparse_rows[kWarpRowsPerBlock][kMaxTeachers];
+  using SRow = std::conditional_t<DIV == kForwardKL, SparseRow, DivSparseRow>;
+  __shared__ SRow sparse_rows[kWarpRowsPerBlock][kMaxTeachers];
   Group group(tpr, smem);
 
   const int C = static_cast<int>(a.cols);
@@ -405,6 +623,8 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
   const float inv_T = 1.0f / T;
   const bool unit_T = a.temperature == 1.0;
   const float eps = static_cast<float>(a.label_smoothing);
+  const float beta = static_cast<float>(a.beta);  // JSD only
+  const float omb = static_cast<float>(1.0 - a.beta);
   auto* row_loss = static_cast<float*>(a.row_loss);
 
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * rows_per_block + threadIdx.x / tpr;
@@ -460,6 +680,27 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
     group.sum(st);
     const float z_s = st[0], z_1 = st[1], sum_s = st[2], s_rel = st[3];
     const float log_zs = __logf(z_s);
+    const float inv_zs = 1.0f / z_s;  // reverse KL and JSD
+    // Reverse KL and JSD: R, w_sp (see above), and A = sum_c e_c (s_c - m_s) for sparse teachers.
+    float r_sum = 0.0f, w_sp = 0.0f, a_s = 0.0f;
+    if constexpr (DIV == kReverseKL) {
+      if (p.sparse != 0) {
+        float as[1] = {0.0f};
+#pragma unroll
+        for (int j = 0; j < CH; ++j) {
+          if (j < nch) {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              const float x = s[j][e] - m_s;
+              const float ex = __expf(x * inv_T);
+              as[0] += ex > 0.0f ? ex * x : 0.0f;
+            }
+          }
+        }
+        group.sum(as);
+        a_s = as[0];
+      }
+    }
 
     // Teachers with a nonzero weight, one at a time: exact max, then the normaliser and the cross
     // term sum_c e_c (t_c - s_c) / T from the same exponentials, which stay in t[] (one teacher)
@@ -475,47 +716,120 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
         for (int e = 0; e < VEC; ++e) acc[j][e] = 0.0f;
       }
     }
-    for (unsigned bits = p.active; bits != 0; bits &= bits - 1) {
-      const int k = __ffs(bits) - 1;
-      const float w = teacher_weight(a, k, row);
-      load_resident(teacher_row<Tt>(a, k, row), t, nch, tpr, lane, C);
-      float mt = neg_inf();
-#pragma unroll
-      for (int j = 0; j < CH; ++j) {
-        if (j < nch) {
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) mt = fmaxf(mt, t[j][e]);
-        }
-      }
-      const float m_t = finite_or_zero(group.max(mt));
-      float zc[2] = {0.0f, 0.0f};
-#pragma unroll
-      for (int j = 0; j < CH; ++j) {
-        if (j < nch) {
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            const float x = t[j][e];
-            const float ex = __expf((x - m_t) * inv_T);
-            zc[0] += ex;
-            // p = 0 contributes 0 even where t - s is inf or NaN (a select, not a product).
-            zc[1] += ex > 0.0f ? ex * ((x - s[j][e]) * inv_T) : 0.0f;
-            t[j][e] = ex;
+    if constexpr (DIV == kForwardKL) {
+      for (unsigned bits = p.active; bits != 0; bits &= bits - 1) {
+        const int k = __ffs(bits) - 1;
+        const float w = teacher_weight(a, k, row);
+        load_resident(teacher_row<Tt>(a, k, row), t, nch, tpr, lane, C);
+        float mt = neg_inf();
+  #pragma unroll
+        for (int j = 0; j < CH; ++j) {
+          if (j < nch) {
+  #pragma unroll
+            for (int e = 0; e < VEC; ++e) mt = fmaxf(mt, t[j][e]);
           }
         }
+        const float m_t = finite_or_zero(group.max(mt));
+        float zc[2] = {0.0f, 0.0f};
+  #pragma unroll
+        for (int j = 0; j < CH; ++j) {
+          if (j < nch) {
+  #pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              const float x = t[j][e];
+              const float ex = __expf((x - m_t) * inv_T);
+              zc[0] += ex;
+              // p = 0 contributes 0 even where t - s is inf or NaN (a select, not a product).
+              zc[1] += ex > 0.0f ? ex * ((x - s[j][e]) * inv_T) : 0.0f;
+              t[j][e] = ex;
+            }
+          }
+        }
+        group.sum(zc);
+        loss += w * T * (zc[1] / zc[0] + lse_diff(m_s, log_zs, m_t, __logf(zc[0]), inv_T));
+        const float coef = w / zc[0];
+        if constexpr (MULTI) {
+  #pragma unroll
+          for (int j = 0; j < CH; ++j) {
+            if (j < nch) {
+  #pragma unroll
+              for (int e = 0; e < VEC; ++e) acc[j][e] += coef * t[j][e];
+            }
+          }
+        } else {
+          p_coef = coef;
+        }
       }
-      group.sum(zc);
-      loss += w * T * (zc[1] / zc[0] + lse_diff(m_s, log_zs, m_t, __logf(zc[0]), inv_T));
-      const float coef = w / zc[0];
-      if constexpr (MULTI) {
+    } else {
+      for (unsigned bits = p.active; bits != 0; bits &= bits - 1) {
+        const int k = __ffs(bits) - 1;
+        const float w = teacher_weight(a, k, row);
+        load_resident(teacher_row<Tt>(a, k, row), t, nch, tpr, lane, C);
+        float mt = neg_inf();
 #pragma unroll
         for (int j = 0; j < CH; ++j) {
           if (j < nch) {
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) acc[j][e] += coef * t[j][e];
+            for (int e = 0; e < VEC; ++e) mt = fmaxf(mt, t[j][e]);
           }
         }
-      } else {
-        p_coef = coef;
+        const float m_t = finite_or_zero(group.max(mt));
+        if constexpr (DIV == kReverseKL) {
+          // z_t and sum_c e_c u_c, u = (s - m_s) - (t - m_t); acc += w u.
+          float zc[2] = {0.0f, 0.0f};
+#pragma unroll
+          for (int j = 0; j < CH; ++j) {
+            if (j < nch) {
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) {
+                const float xt = t[j][e] - m_t;
+                const float xs = s[j][e] - m_s;
+                const float es = __expf(xs * inv_T);
+                const float u = xs - xt;
+                zc[0] += __expf(xt * inv_T);
+                zc[1] += es > 0.0f ? es * u : 0.0f;
+                acc[j][e] += w * u;
+              }
+            }
+          }
+          group.sum(zc);
+          const float x = zc[1] / z_s;
+          loss += w * (x + T * (__logf(zc[0]) - log_zs));
+          r_sum += w * x;
+        } else {
+          float zt[1] = {0.0f};
+#pragma unroll
+          for (int j = 0; j < CH; ++j) {
+            if (j < nch) {
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) zt[0] += __expf((t[j][e] - m_t) * inv_T);
+            }
+          }
+          group.sum(zt);
+          const float log_zt = __logf(zt[0]);
+          const float inv_zt = 1.0f / zt[0];
+          // sum_c p_c (lp_c - log mix_c) and Y; acc += w u.
+          float part[2] = {0.0f, 0.0f};
+#pragma unroll
+          for (int j = 0; j < CH; ++j) {
+            if (j < nch) {
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) {
+                const float xt = (t[j][e] - m_t) * inv_T;
+                const float xs = (s[j][e] - m_s) * inv_T;
+                const float q = __expf(xs) * inv_zs;
+                float pt, u;
+                jsd_terms(__expf(xt) * inv_zt, xt - log_zt, q, xs - log_zs, beta, omb, pt, u);
+                part[0] += pt;
+                part[1] += q * u;
+                acc[j][e] += w * u;
+              }
+            }
+          }
+          group.sum(part);
+          loss += w * T * (beta * part[0] + omb * part[1]);
+          r_sum += w * part[1];
+        }
       }
     }
 
@@ -524,12 +838,49 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
     bool bad_id = false;
     for (unsigned bits = p.sparse; bits != 0; bits &= bits - 1) {
       const int j = __ffs(bits) - 1;
-      SparseRow r;
-      loss += sparse_teacher_loss(a, j, row, s_row, m_s, log_zs, s_rel,
-                                  teacher_weight(a, a.num_teachers + j, row), T, inv_T, lane, tpr,
-                                  group, r, bad_id);
-      c_tail += r.w * r.p_tail;
-      if (lane == 0) sparse_rows[slot][j] = r;
+      if constexpr (DIV == kForwardKL) {
+        SparseRow r;
+        loss += sparse_teacher_loss(a, j, row, s_row, m_s, log_zs, s_rel,
+                                    teacher_weight(a, a.num_teachers + j, row), T, inv_T, lane,
+                                    tpr, group, r, bad_id);
+        c_tail += r.w * r.p_tail;
+        if (lane == 0) sparse_rows[slot][j] = r;
+      } else {
+        const float w = teacher_weight(a, a.num_teachers + j, row);
+        DivSparseRow r;
+        if constexpr (DIV == kReverseKL) {
+          float r_j;
+          loss += sparse_rkl_loss(a, j, row, s_row, m_s, z_s, log_zs, a_s, w, T, inv_T, lane, tpr,
+                                  group, r, r_j, bad_id);
+          r_sum += w * r_j;
+          w_sp += w;
+        } else {
+          sparse_jsd_stats(a, j, row, w, inv_T, lane, tpr, group, r, bad_id);
+          // The tail-based terms over the whole row (acc += w u), then the ids' corrections.
+          float part[2] = {0.0f, 0.0f};
+#pragma unroll
+          for (int c = 0; c < CH; ++c) {
+            if (c < nch && (c * tpr + lane) * VEC < C) {
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) {
+                const float xs = (s[c][e] - m_s) * inv_T;
+                const float q = __expf(xs) * inv_zs;
+                float pt, u;
+                jsd_terms(r.p_tail, r.base, q, xs - log_zs, beta, omb, pt, u);
+                part[0] += pt;
+                part[1] += q * u;
+                acc[c][e] += w * u;
+              }
+            }
+          }
+          sparse_jsd_ids(a, j, row, s_row, r, m_s, inv_zs, log_zs, inv_T, beta, omb, lane, tpr,
+                         part);
+          group.sum(part);
+          loss += w * T * (beta * part[0] + omb * part[1]);
+          r_sum += w * part[1];
+        }
+        if (lane == 0) sparse_rows[slot][j] = r;
+      }
     }
 
     if (p.v != 0.0f) {
@@ -545,12 +896,15 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
 
     if (g_row != nullptr) {
       // g = (sum_k w_k) q - sum_k w_k p_k + v (softmax(s) - eps / C) - v (1 - eps) onehot(y),
-      // each entry rounded to the student's dtype once.
+      // each entry rounded to the student's dtype once. Reverse KL and JSD: the teachers' terms
+      // are q g_div (acc + w_sp (s - m_s) - R) instead of (sum_k w_k) q - sum_k w_k p_k.
       const bool use_e1 = p.v_g != 0.0f && !unit_T;
-      const float c_q = p.w_sum / z_s + (p.v_g != 0.0f && unit_T ? p.v_g / z_s : 0.0f);
+      const float c_q = (DIV == kForwardKL ? p.w_sum / z_s : 0.0f) +
+                        (p.v_g != 0.0f && unit_T ? p.v_g / z_s : 0.0f);
       const float c_1 = use_e1 ? p.v_g / z_1 : 0.0f;
       const float c_off = p.v_g * eps / static_cast<float>(C) + c_tail;
       const float c_y = p.v_g * (1.0f - eps);
+      const float g_div = (DIV == kReverseKL ? inv_T : omb) * inv_zs;
 #pragma unroll
       for (int j = 0; j < CH; ++j) {
         const int col = (j * tpr + lane) * VEC;
@@ -559,8 +913,11 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
             const float x = s[j][e];
-            float o = __expf((x - m_s) * inv_T) * c_q - c_off;
-            if constexpr (MULTI) {
+            const float ex = __expf((x - m_s) * inv_T);
+            float o = ex * c_q - c_off;
+            if constexpr (DIV != kForwardKL) {
+              if (ex > 0.0f) o += ex * g_div * (acc[j][e] + w_sp * (x - m_s) - r_sum);
+            } else if constexpr (MULTI) {
               o -= acc[j][e];
             } else {
               if (p.active != 0) o -= p_coef * t[j][e];
@@ -578,8 +935,13 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
       for (unsigned bits = p.sparse; bits != 0; bits &= bits - 1) {
         tpr == 32 ? __syncwarp() : __syncthreads();
         const int j = __ffs(bits) - 1;
-        sparse_teacher_fixup<S, Tt>(a, j, false, row, sparse_rows[slot][j], inv_T, s_row, nullptr,
-                                    g_row, lane, tpr);
+        if constexpr (DIV == kForwardKL) {
+          sparse_teacher_fixup<S, Tt>(a, j, false, row, sparse_rows[slot][j], inv_T, s_row,
+                                      nullptr, g_row, lane, tpr);
+        } else {
+          div_sparse_fixup<DIV>(a, j, row, sparse_rows[slot][j], s_row, m_s, inv_zs, log_zs,
+                                inv_T, beta, omb, g_row, lane, tpr);
+        }
       }
       // No thread of the row reads sparse_rows any more when the next row overwrites it.
       if (p.sparse != 0) tpr == 32 ? __syncwarp() : __syncthreads();
@@ -865,6 +1227,288 @@ __global__ void __launch_bounds__(kStreamThreads)
   }
 }
 
+// Reverse KL and JSD on wide rows (see above), one element per access: a sweep for the student's
+// statistics, then per dense teacher one sweep (reverse KL: online max and sums) or two (JSD: its
+// max and normaliser, then the terms, which need both), per sparse teacher its ids (and for JSD a
+// sweep over the student), then the gradient sweep, which recomputes every teacher's u. The sweeps
+// after the first re-read the row from L2 (one row per block in flight).
+template <typename S, typename Tt, int DIV>
+__global__ void __launch_bounds__(kStreamThreads)
+    kd_loss_div_stream_kernel(const __grid_constant__ KDLossArgs a) {
+  static_assert(DIV == kReverseKL || DIV == kJSD, "forward KL runs kd_loss_stream_kernel");
+  constexpr int U = kStreamElems;
+  using Group = RowGroup<kStreamThreads / 32, 6>;
+  __shared__ float smem[Group::kSmemFloats];
+  // Per active teacher, for the gradient sweep: the max of t_k and log z_k (JSD).
+  __shared__ float t_ref[kMaxTeachers];
+  __shared__ float t_lz[kMaxTeachers];
+  __shared__ DivSparseRow sparse_rows[kMaxTeachers];
+  Group group(kStreamThreads, smem);
+
+  const int C = static_cast<int>(a.cols);
+  const float T = static_cast<float>(a.temperature);
+  const float inv_T = 1.0f / T;
+  const bool unit_T = a.temperature == 1.0;
+  const float eps = static_cast<float>(a.label_smoothing);
+  const float beta = static_cast<float>(a.beta);
+  const float omb = static_cast<float>(1.0 - a.beta);
+  const int tid = static_cast<int>(threadIdx.x);
+  auto* row_loss = static_cast<float*>(a.row_loss);
+
+  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+    const RowPlan p = plan_row(a, row);
+    S* g_row = a.grad != nullptr ? static_cast<S*>(a.grad) + row * a.cols : nullptr;
+
+    if (p.skip()) {
+      if (g_row != nullptr) {
+        for (int i = tid; i < C; i += kStreamThreads) g_row[i] = static_cast<S>(0.0f);
+      }
+      if (tid == 0) row_loss[row] = 0.0f;
+      continue;
+    }
+
+    const S* s_row = student_row<S>(a, row);
+    const bool need_e1 = p.v != 0.0f && !unit_T;
+    const bool need_sum = p.v != 0.0f && eps != 0.0f;
+    float m_s, z_s, z_1, sum_s;
+    {
+      StudentRun sr{neg_inf(), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+      TeacherRun tr{neg_inf(), 0.0f, 0.0f};
+      stream_stats<U, 1, S, Tt>(s_row, nullptr, true, need_e1, need_sum, false, C, inv_T, sr, tr);
+      const float mm = group.max(sr.m);
+      float sums[3] = {sr.z * rescale(sr.m, mm, inv_T), sr.z1 * rescale(sr.m, mm, 1.0f), sr.sum};
+      group.sum(sums);
+      m_s = finite_or_zero(mm);
+      z_s = sums[0];
+      z_1 = sums[1];
+      sum_s = sums[2];
+    }
+    const float log_zs = __logf(z_s);
+    const float inv_zs = 1.0f / z_s;
+    float loss = 0.0f, r_sum = 0.0f, w_sp = 0.0f;
+
+    for (unsigned bits = p.active; bits != 0; bits &= bits - 1) {
+      const int k = __ffs(bits) - 1;
+      const float w = teacher_weight(a, k, row);
+      const Tt* t_row = teacher_row<Tt>(a, k, row);
+      float m_t, log_zt;
+      if constexpr (DIV == kReverseKL) {
+        // Online over the teacher, with the student's final maximum: z_t and
+        // sum_c e_c ((s_c - m_s) - (t_c - ref)) relative to the running reference ref, moved
+        // with sum_c e_c (-(t - ref') = -(t - ref) + (ref' - ref)).
+        float tm = neg_inf(), tz = 0.0f, cr = 0.0f, es_sum = 0.0f;
+        for (int base = tid; base < C; base += U * kStreamThreads) {
+          float xs[U][1], xt[U][1];
+          load_step(s_row, base, C, xs);
+          load_step(t_row, base, C, xt);
+          const float m_new = fmaxf(tm, max_of(xt));
+          const float ref = finite_or_zero(m_new);
+          tz *= rescale(tm, m_new, inv_T);
+          if (es_sum > 0.0f) cr += (ref - finite_or_zero(tm)) * es_sum;
+          tm = m_new;
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const float x = xs[u][0] - m_s;
+            const float es = __expf(x * inv_T);
+            tz += __expf((xt[u][0] - ref) * inv_T);
+            cr += es > 0.0f ? es * (x - (xt[u][0] - ref)) : 0.0f;
+            es_sum += es;
+          }
+        }
+        const float mt = group.max(tm);
+        float zc[2] = {tz * rescale(tm, mt, inv_T),
+                       es_sum > 0.0f ? cr + (finite_or_zero(mt) - finite_or_zero(tm)) * es_sum
+                                     : 0.0f};
+        group.sum(zc);
+        m_t = finite_or_zero(mt);
+        log_zt = __logf(zc[0]);
+        const float x = zc[1] * inv_zs;
+        loss += w * (x + T * (log_zt - log_zs));
+        r_sum += w * x;
+      } else {
+        float tm = neg_inf(), tz = 0.0f;
+        for (int base = tid; base < C; base += U * kStreamThreads) {
+          float xt[U][1];
+          load_step(t_row, base, C, xt);
+          const float m_new = fmaxf(tm, max_of(xt));
+          const float ref = finite_or_zero(m_new);
+          tz *= rescale(tm, m_new, inv_T);
+          tm = m_new;
+#pragma unroll
+          for (int u = 0; u < U; ++u) tz += __expf((xt[u][0] - ref) * inv_T);
+        }
+        const float mt = group.max(tm);
+        float zt[1] = {tz * rescale(tm, mt, inv_T)};
+        group.sum(zt);
+        m_t = finite_or_zero(mt);
+        log_zt = __logf(zt[0]);
+        const float inv_zt = 1.0f / zt[0];
+        float part[2] = {0.0f, 0.0f};
+        for (int base = tid; base < C; base += U * kStreamThreads) {
+          float xs[U][1], xt[U][1];
+          load_step(s_row, base, C, xs);
+          load_step(t_row, base, C, xt);
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const float ls = (xs[u][0] - m_s) * inv_T;
+            const float lt = (xt[u][0] - m_t) * inv_T;
+            const float q = __expf(ls) * inv_zs;
+            float pt, uu;
+            jsd_terms(__expf(lt) * inv_zt, lt - log_zt, q, ls - log_zs, beta, omb, pt, uu);
+            part[0] += pt;
+            part[1] += q * uu;
+          }
+        }
+        group.sum(part);
+        loss += w * T * (beta * part[0] + omb * part[1]);
+        r_sum += w * part[1];
+      }
+      if (tid == 0) {
+        t_ref[k] = m_t;
+        t_lz[k] = log_zt;
+      }
+    }
+
+    bool bad_id = false;
+    if (p.sparse != 0) {
+      float a_s = 0.0f;
+      if constexpr (DIV == kReverseKL) {
+        float as[1] = {0.0f};
+        for (int base = tid; base < C; base += U * kStreamThreads) {
+          float xs[U][1];
+          load_step(s_row, base, C, xs);
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            const float x = xs[u][0] - m_s;
+            const float es = __expf(x * inv_T);
+            as[0] += es > 0.0f ? es * x : 0.0f;
+          }
+        }
+        group.sum(as);
+        a_s = as[0];
+      }
+      for (unsigned sb = p.sparse; sb != 0; sb &= sb - 1) {
+        const int j = __ffs(sb) - 1;
+        const float w = teacher_weight(a, a.num_teachers + j, row);
+        DivSparseRow r;
+        if constexpr (DIV == kReverseKL) {
+          float r_j;
+          loss += sparse_rkl_loss(a, j, row, s_row, m_s, z_s, log_zs, a_s, w, T, inv_T, tid,
+                                  kStreamThreads, group, r, r_j, bad_id);
+          r_sum += w * r_j;
+          w_sp += w;
+        } else {
+          sparse_jsd_stats(a, j, row, w, inv_T, tid, kStreamThreads, group, r, bad_id);
+          float part[2] = {0.0f, 0.0f};
+          for (int base = tid; base < C; base += U * kStreamThreads) {
+            float xs[U][1];
+            load_step(s_row, base, C, xs);
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+              if (base + u * kStreamThreads < C) {
+                const float ls = (xs[u][0] - m_s) * inv_T;
+                const float q = __expf(ls) * inv_zs;
+                float pt, uu;
+                jsd_terms(r.p_tail, r.base, q, ls - log_zs, beta, omb, pt, uu);
+                part[0] += pt;
+                part[1] += q * uu;
+              }
+            }
+          }
+          sparse_jsd_ids(a, j, row, s_row, r, m_s, inv_zs, log_zs, inv_T, beta, omb, tid,
+                         kStreamThreads, part);
+          group.sum(part);
+          loss += w * T * (beta * part[0] + omb * part[1]);
+          r_sum += w * part[1];
+        }
+        if (tid == 0) sparse_rows[j] = r;
+      }
+    }
+
+    if (p.v != 0.0f) {
+      if (p.bad_label()) {
+        loss = quiet_nan();
+      } else {
+        loss += p.v * cross_entropy(m_s, __logf(unit_T ? z_s : z_1),
+                                    static_cast<float>(s_row[p.y]), sum_s, eps, C);
+      }
+    }
+    if (bad_id) loss = quiet_nan();
+    if (tid == 0) row_loss[row] = loss;
+
+    if (g_row != nullptr) {
+      __syncthreads();  // t_ref / t_lz / sparse_rows of this row are visible to every thread
+      const bool use_e1 = p.v_g != 0.0f && !unit_T;
+      const float c_q = p.v_g != 0.0f && unit_T ? p.v_g * inv_zs : 0.0f;
+      const float c_1 = use_e1 ? p.v_g / z_1 : 0.0f;
+      const float c_off = p.v_g * eps / static_cast<float>(C);
+      const float c_y = p.v_g * (1.0f - eps);
+      const float g_div = (DIV == kReverseKL ? inv_T : omb) * inv_zs;
+      for (int base = tid; base < C; base += U * kStreamThreads) {
+        float xs[U][1];
+        float acc[U];
+        load_step(s_row, base, C, xs);
+#pragma unroll
+        for (int u = 0; u < U; ++u) acc[u] = 0.0f;
+        for (unsigned tb = p.active; tb != 0; tb &= tb - 1) {
+          const int k = __ffs(tb) - 1;
+          const float w = teacher_weight(a, k, row);
+          const float m_t = t_ref[k];
+          float xt[U][1];
+          load_step(teacher_row<Tt>(a, k, row), base, C, xt);
+#pragma unroll
+          for (int u = 0; u < U; ++u) {
+            if constexpr (DIV == kReverseKL) {
+              acc[u] += w * ((xs[u][0] - m_s) - (xt[u][0] - m_t));
+            } else {
+              const float ls = (xs[u][0] - m_s) * inv_T;
+              const float lt = (xt[u][0] - m_t) * inv_T;
+              const float lz = t_lz[k];
+              float pt, uu;
+              jsd_terms(__expf(lt - lz), lt - lz, __expf(ls) * inv_zs, ls - log_zs, beta, omb, pt,
+                        uu);
+              acc[u] += w * uu;
+            }
+          }
+        }
+        if constexpr (DIV == kJSD) {
+          for (unsigned sb = p.sparse; sb != 0; sb &= sb - 1) {
+            const DivSparseRow& r = sparse_rows[__ffs(sb) - 1];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+              const float ls = (xs[u][0] - m_s) * inv_T;
+              float pt, uu;
+              jsd_terms(r.p_tail, r.base, __expf(ls) * inv_zs, ls - log_zs, beta, omb, pt, uu);
+              acc[u] += r.w * uu;
+            }
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int col = base + u * kStreamThreads;
+          if (col < C) {
+            const float x = xs[u][0];
+            const float ex = __expf((x - m_s) * inv_T);
+            float o = ex * c_q - c_off;
+            if (ex > 0.0f) o += ex * g_div * (acc[u] + w_sp * (x - m_s) - r_sum);
+            if (use_e1) o += __expf(x - m_s) * c_1;
+            if (col == p.y) o -= c_y;
+            g_row[col] = static_cast<S>(o);
+          }
+        }
+      }
+      // The sparse teachers' ids, one teacher at a time, after the row's stores. The next row's
+      // first writes to the shared arrays come after its reductions' barriers.
+      for (unsigned sb = p.sparse; sb != 0; sb &= sb - 1) {
+        __syncthreads();
+        const int j = __ffs(sb) - 1;
+        div_sparse_fixup<DIV>(a, j, row, sparse_rows[j], s_row, m_s, inv_zs, log_zs, inv_T, beta,
+                              omb, g_row, tid, kStreamThreads);
+      }
+    }
+  }
+}
+
 // ---- Launch plan (torch-free, so that a launcher and a check outside torch share it) -----------
 
 struct LaunchPlan {
@@ -875,9 +1519,10 @@ struct LaunchPlan {
 };
 
 inline LaunchPlan plan_launch(const KDLossArgs& a) {
-  if (a.cols <= kResidentMaxCols) {
+  const int elems = resident_elems(a.divergence);
+  if (a.cols <= static_cast<int64_t>(elems) * kResidentMaxThreads) {
     int tpr = 32;
-    while (tpr * kResidentElems < a.cols) tpr *= 2;
+    while (tpr * elems < a.cols) tpr *= 2;
     const int rows_per_block = tpr == 32 ? kWarpRowsPerBlock : 1;
     const auto blocks = static_cast<unsigned>(
         std::min<int64_t>((a.rows + rows_per_block - 1) / rows_per_block, kMaxBlocks));
@@ -892,11 +1537,25 @@ template <typename S, typename Tt, int VEC>
 cudaError_t launch(const KDLossArgs& a, cudaStream_t stream) {
   const LaunchPlan p = plan_launch(a);
   if (p.resident) {
-    auto* kernel = a.num_teachers > 1 ? kd_loss_resident_kernel<S, Tt, VEC, true>
-                                      : kd_loss_resident_kernel<S, Tt, VEC, false>;
+    auto* kernel = a.num_teachers > 1 ? kd_loss_resident_kernel<S, Tt, VEC, true, kForwardKL>
+                                      : kd_loss_resident_kernel<S, Tt, VEC, false, kForwardKL>;
     FASTKD_LAUNCH(kernel, p.blocks, p.threads, stream, a, p.threads_per_row);
   } else {
     auto* kernel = kd_loss_stream_kernel<S, Tt, VEC>;
+    FASTKD_LAUNCH(kernel, p.blocks, p.threads, stream, a);
+  }
+  return cudaGetLastError();
+}
+
+// Reverse KL and JSD: one element per access, any layout (see above).
+template <typename S, typename Tt, int DIV>
+cudaError_t launch_divergence(const KDLossArgs& a, cudaStream_t stream) {
+  const LaunchPlan p = plan_launch(a);
+  if (p.resident) {
+    auto* kernel = kd_loss_resident_kernel<S, Tt, 1, true, DIV>;
+    FASTKD_LAUNCH(kernel, p.blocks, p.threads, stream, a, p.threads_per_row);
+  } else {
+    auto* kernel = kd_loss_div_stream_kernel<S, Tt, DIV>;
     FASTKD_LAUNCH(kernel, p.blocks, p.threads, stream, a);
   }
   return cudaGetLastError();
@@ -913,6 +1572,8 @@ inline bool rows_aligned(const void* base, int64_t stride_outer, int64_t stride_
 // access; launches and returns the launch's error code.
 template <typename S, typename Tt>
 cudaError_t launch_for_layout(const KDLossArgs& a, int64_t outer, cudaStream_t stream) {
+  if (a.divergence == kReverseKL) return launch_divergence<S, Tt, kReverseKL>(a, stream);
+  if (a.divergence == kJSD) return launch_divergence<S, Tt, kJSD>(a, stream);
   constexpr int kVec = 16 / sizeof(S);
   bool vec = a.cols % kVec == 0 && (a.grad == nullptr || cuda::is_aligned(a.grad, 16)) &&
              rows_aligned(a.student, a.s_stride_outer, a.s_stride_inner, outer, a.inner,
