@@ -346,6 +346,8 @@ class KDLossBench(LossBench):
                 temperature=v.temperature,
                 alpha=v.alpha,
                 guided=v.guided,
+                divergence=v.divergence,
+                beta=v.beta,
             )
         return float(loss)
 
