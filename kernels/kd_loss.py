@@ -43,24 +43,27 @@ code): the term of teacher k is ``T w_k D_k`` and its gradient ``w_k dD_k/dz`` (
 * 1, reverse KL: ``D = KL(q || p) = X / T + log z_t - log z_q`` with
   ``X = sum_c e_s_c ((s_c - m_s) - (t_c - m_t)) / z_q``, summed during the teacher's
   log-sum-exp sweep (e_s is final there; a new teacher maximum shifts the earlier chunks' terms
-  by ``(m_new - m_old) sum e_s``), no sweep of its own. ``dD/dz = q (diff - X) / T``, so the
-  gradient sweep takes ``(q / T) (W (s - m_s) - sum_k w_k (t_k - m_k) - c_row)``,
+  by ``(m_new - m_old) sum e_s``), no sweep of its own. ``dD/dz = q (diff - X) / T`` (diff the
+  bracket), so the gradient sweep takes ``(q / T) (W (s - m_s) - sum_k w_k (t_k - m_k) - c_row)``,
   ``W = sum_k w_k``, ``c_row = sum_k w_k X_k``. A sparse teacher's ``X`` is
   ``[A - sum_i e_s[id_i] (v_i - m) - (tail - m) (z_q - sum_i e_s[id_i])] / z_q`` with the student
   statistic ``A = sum_c e_s_c (s_c - m_s)`` (kept online in the student sweep); the gradient
   sweep treats every class as a tail class (``base = tail``, or ``m`` when k == C, in ``c_row``)
   and the fix-up adds ``(w / T) q_i (base - v_i)`` at each id. ``q = 0`` contributes exactly 0;
   ``p = 0`` where ``q > 0`` gives +inf (the divergence is infinite).
-* 2, JSD(beta): ``m = beta p + (1 - beta) q``, ``lm = log m`` (one log per class and teacher),
+* 2, JSD(beta): ``m = beta p + (1 - beta) q``, ``lm = log m``,
   ``D = sum_c [beta p (lp - lm) + (1 - beta) q (lq - lm)]``, ``Y = KL(q || m)``,
   ``dD/dz = (1 - beta) q (lq - lm - Y)`` (``dD/dq = (1 - beta)(lq - lm)`` exactly, then the
-  softmax Jacobian). D and Y need the teachers' final statistics: a third sweep over the row
-  (after the log-sum-exp sweeps; one chunk and a cache hit when ``C <= BLOCK_C``) sums them for
-  every teacher at once, the gradient sweep takes ``(1 - beta) q (sum_k w_k (lq - lm_k) -
-  c_row)``, ``c_row = sum_k w_k Y_k``. A sparse teacher counts every class with ``p = p_tail``
-  in those sweeps; a third pass over its k entries replaces the tail's terms of D and Y by the
-  ids' own, and the fix-up adds ``w (1 - beta) q_i (lm_tail,i - lm_i)`` at each id. A term whose
-  weight p or q is 0 contributes exactly 0 (so ``p_tail = 0``, tail ``-inf``, is fine).
+  softmax Jacobian). D and Y need the teacher's final statistics: after each teacher's
+  log-sum-exp sweep a sweep of its own sums them (one chunk and a cache hit when
+  ``C <= BLOCK_C``); the gradient sweep takes ``(1 - beta) q (sum_k w_k (lq - lm_k) - c_row)``,
+  ``c_row = sum_k w_k Y_k``. ``lq - lm`` and ``lp - lm`` come from ``r = lp - lq`` with one exp
+  of ``-|r|`` and one log (_jsd_logs: no overflow however far apart p and q are). A sparse
+  teacher counts every class with ``p = p_tail`` in those sweeps (``lq - log(beta p_tail +
+  (1 - beta) q)``, one log, in the gradient's); a third pass over its k entries replaces the
+  tail's terms of D and Y by the ids' own, and the fix-up adds ``w (1 - beta) q_i (lm_tail,i -
+  lm_i)`` at each id. A term whose weight p or q is 0 contributes exactly 0 (so ``p_tail = 0``,
+  tail ``-inf``, is fine). Chunks stop at 2048 classes (registers: _num_warps).
 """
 
 from __future__ import annotations
@@ -248,6 +251,16 @@ def _kd_loss_fwd_kernel(
                 x_k = cross / z_q
                 loss += wk * temperature * (x_k * inv_t + (log_zt - log_zq))
                 c_row += wk * x_k
+            else:
+                # JSD: D and Y = KL(q || m) need the final m_t and log z_t: a sweep of their
+                # own (one chunk and a cache hit when C <= BLOCK_C), one teacher at a time (all
+                # at once kept every teacher's statistics in registers, and ptxas spilled).
+                d_k, y_k = _jsd_row_sums(
+                    s_row, t_row, C, m_s, log_zq, m_t, log_zt, 0.0, 0.0, inv_t, beta, cols,
+                    True, BLOCK_C,
+                )
+                loss += wk * temperature * (beta * d_k + (1.0 - beta) * y_k)
+                c_row += wk * y_k
             m_ts = tl.where(kidx == k, m_t, m_ts)
             log_zts = tl.where(kidx == k, log_zt, log_zts)
 
@@ -256,7 +269,7 @@ def _kd_loss_fwd_kernel(
     # 1 / Z and p_tail are kept for the fix-up after the gradient sweep, and sum_j w_j p_tail_j
     # (forward KL) joins the sweep's row constant.
     bad_id = 0
-    # m, 1 / Z, p_tail and a fourth value (reverse KL: the tail's logit base, JSD: log p_tail)
+    # m, 1 / Z, p_tail and, for reverse KL, the tail's logit base (tail, or m when k == C)
     # of sparse teacher j at j, 8 + j, 16 + j and 24 + j of one vector (32 wide, a power of
     # two): live across the gradient sweep in one register per thread. Three 8-wide vectors took
     # three, and ptxas spilled 8 bytes (sm_90; 6 dense and 2 sparse teachers, CE, smoothing, row
@@ -334,11 +347,15 @@ def _kd_loss_fwd_kernel(
                 c_row += wk * (x_k + (base - m_d))
                 sp_stats = tl.where(sidx == 3 * MAX_TEACHERS_C + j, base, sp_stats)
             else:
-                # JSD: the full-row sweep below counts every class with p = p_tail; here the
-                # ids' terms replace that at the k ids.
-                lp_tail = (tail - m_d) * inv_t - tl.log(z_d)
-                d_fix = 0.0
-                y_fix = 0.0
+                # JSD: a sweep over the row counts every class with p = p_tail, then a third
+                # pass over the k entries replaces that by the ids' own terms.
+                lp_tail = tl.where(n_tail > 0.0, (tail - m_d) * inv_t - tl.log(z_d),
+                                   float("-inf"))
+                d_fix, y_fix = _jsd_row_sums(
+                    s_row, s_row, C, m_s, log_zq, 0.0, 0.0, p_tail, lp_tail, inv_t, beta, cols,
+                    False, BLOCK_C,
+                )
+                d_fix = beta * d_fix + (1.0 - beta) * y_fix
                 for start in range(0, kj, BLOCK_K):
                     kmask = start + kcols < kj
                     vals = tl.load(vals_row + start + kcols, mask=kmask, other=float("-inf"))
@@ -357,48 +374,9 @@ def _kd_loss_fwd_kernel(
                     y_fix += tl.sum(tl.where(ok, y_id - y_tl, 0.0), 0)
                 loss += wk * temperature * d_fix
                 c_row += wk * y_fix
-                sp_stats = tl.where(sidx == 3 * MAX_TEACHERS_C + j, lp_tail, sp_stats)
             sp_stats = tl.where(sidx == j, m_d, sp_stats)
             sp_stats = tl.where(sidx == MAX_TEACHERS_C + j, inv_z, sp_stats)
             sp_stats = tl.where(sidx == 2 * MAX_TEACHERS_C + j, p_tail, sp_stats)
-
-    if DIVERGENCE == 2:
-        # JSD: D_k and Y_k = KL(q || m_k) need every teacher's final statistics, so a sweep of
-        # their own over the row (one chunk and a cache hit when C <= BLOCK_C): per class the
-        # dense teachers' p_kc, the sparse teachers' p_tail, and the weighted terms summed.
-        for start in range(0, C, BLOCK_C):
-            offs = start + cols
-            mask = offs < C
-            xs = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            lq = (xs - m_s) * inv_t - log_zq
-            q = tl.exp(lq)
-            d_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-            y_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for k in tl.static_range(NUM_T):
-                wk = tl.sum(tl.where(kidx == k, w, 0.0), 0)
-                t_row = _row_ptr(
-                    pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
-                    pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
-                    pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
-                )
-                m_t = tl.sum(tl.where(kidx == k, m_ts, 0.0), 0)
-                log_zt = tl.sum(tl.where(kidx == k, log_zts, 0.0), 0)
-                # Branch-free as in the gradient sweep: weight 0 loads nothing (p = 0).
-                live = mask & (tl.broadcast_to(wk, [BLOCK_C]) != 0.0)
-                xt = tl.load(t_row + offs, mask=live, other=float("-inf")).to(tl.float32)
-                lp = (xt - m_t) * inv_t - log_zt
-                d_k, y_k = _jsd_terms(tl.exp(lp), lp, q, lq, beta)
-                d_acc += wk * d_k
-                y_acc += wk * y_k
-            for j in tl.static_range(NUM_S):
-                wk = tl.sum(tl.where(kidx == NUM_T + j, w, 0.0), 0)
-                p_tail = tl.sum(tl.where(sidx == 2 * MAX_TEACHERS_C + j, sp_stats, 0.0), 0)
-                lp_tail = tl.sum(tl.where(sidx == 3 * MAX_TEACHERS_C + j, sp_stats, 0.0), 0)
-                d_k, y_k = _jsd_terms(tl.broadcast_to(p_tail, [BLOCK_C]), lp_tail, q, lq, beta)
-                d_acc += wk * d_k
-                y_acc += wk * y_k
-            loss += temperature * tl.sum(tl.where(mask, d_acc, 0.0), 0)
-            c_row += tl.sum(tl.where(mask, y_acc, 0.0), 0)
 
     eps = label_smoothing
     if HAS_CE:
@@ -464,10 +442,12 @@ def _kd_loss_fwd_kernel(
                         base = tl.sum(tl.where(sidx == 3 * MAX_TEACHERS_C + j, sp_stats, 0.0), 0)
                         fix = tl.where(q > 0.0, (wk * inv_t) * q * (base - vals), 0.0)
                     else:
-                        p = tl.exp((vals - m_d) * inv_t) * inv_z
-                        lm_tail = tl.log(beta * p_tail + (1.0 - beta) * q)
-                        lm = tl.log(beta * p + (1.0 - beta) * q)
-                        fix = tl.where(q > 0.0, (wk * (1.0 - beta)) * q * (lm_tail - lm), 0.0)
+                        # lm_tail - lm_i = (lq - lm_i) - (lq - lm_tail), the latter as the
+                        # sweep computed it.
+                        lp = (vals - m_d) * inv_t + tl.log(inv_z)
+                        u_id, _ = _jsd_logs(lp - lq, beta)
+                        u_tail = lq - tl.log(beta * p_tail + (1.0 - beta) * q)
+                        fix = tl.where(q > 0.0, (wk * (1.0 - beta)) * q * (u_id - u_tail), 0.0)
                 if grad_ptr.dtype.element_ty == tl.float32:
                     old = tl.load(g_row + ids, mask=ok, other=0.0)
                 else:
@@ -559,8 +539,6 @@ def _other_kd_grad(
         JSD:        (1 - beta) q (sum_k w_k (lq - lm_k) - c_row)
 
     with c_row the row constant of the kernel; q = 0 gives exactly 0."""
-    lq = (x - m_s) * inv_t - log_zq
-    q = tl.exp(lq)
     if DIVERGENCE == 1:
         acc = w_sum * (x - m_s)
     else:
@@ -579,11 +557,18 @@ def _other_kd_grad(
         if DIVERGENCE == 1:
             acc -= tl.where(live, wk * (xt - m_t), 0.0)
         else:
+            # lq - lm from lp - lq (one exp and one log), lq recomputed from x rather than kept:
+            # registers.
             log_zt = tl.sum(tl.where(kidx == k, log_zts, 0.0), 0)
-            p = tl.exp((xt - m_t) * inv_t - log_zt)
-            acc += wk * (lq - tl.log(beta * p + (1.0 - beta) * q))
+            lp = (xt - m_t) * inv_t - log_zt
+            u, _ = _jsd_logs(lp - ((x - m_s) * inv_t - log_zq), beta)
+            acc += wk * u
+    lq = (x - m_s) * inv_t - log_zq
+    q = tl.exp(lq)
     if DIVERGENCE == 2:
         for j in tl.static_range(NUM_S):
+            # A sparse teacher's tail: lq - log(beta p_tail + (1 - beta) q), one log (the
+            # fix-up at its ids computes the same).
             wk = tl.sum(tl.where(kidx == NUM_T + j, w, 0.0), 0)
             p_tail = tl.sum(tl.where(sidx == 2 * MAX_TEACHERS_C + j, sp_stats, 0.0), 0)
             acc += wk * (lq - tl.log(beta * p_tail + (1.0 - beta) * q))
@@ -593,21 +578,63 @@ def _other_kd_grad(
 
 
 @triton.jit
+def _jsd_logs(r, beta):
+    """lq - lm and lp - lm from r = lp - lq, m = beta p + (1 - beta) q, without overflow: with
+    L = log(beta + (1 - beta) e^-r) for r >= 0, log(beta e^r + (1 - beta)) for r < 0 (one exp of
+    -|r| and one log), lq - lm = -L - max(r, 0) and lp - lm = -L + min(r, 0). Finite wherever the
+    term's weight (q, resp. p) is positive; NaN where both are 0 (a term the caller drops)."""
+    e = tl.exp(-tl.abs(r))
+    pos = r >= 0.0
+    big = tl.log(tl.where(pos, beta + (1.0 - beta) * e, beta * e + (1.0 - beta)))
+    return -big - tl.maximum(r, 0.0), -big + tl.minimum(r, 0.0)
+
+
+@triton.jit
+def _jsd_row_sums(
+    s_row, t_row, C, m_s, log_zq, m_t, log_zt, p_const, lp_const, inv_t, beta, cols,
+    DENSE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Over the row, sum_c p_c (lp_c - lm_c) and Y = sum_c q_c (lq_c - lm_c), m = beta p +
+    (1 - beta) q: p from the teacher row (DENSE) or p_const (log p_const = lp_const) on every
+    class (a sparse teacher's tail)."""
+    d_vec = tl.zeros([BLOCK_C], dtype=tl.float32)
+    y_vec = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, C, BLOCK_C):
+        mask = start + cols < C
+        xs = tl.load(s_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        lq = (xs - m_s) * inv_t - log_zq
+        q = tl.exp(lq)
+        if DENSE:
+            xt = tl.load(t_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            lp = (xt - m_t) * inv_t - log_zt
+            p = tl.exp(lp)
+        else:
+            lp = tl.broadcast_to(lp_const, [BLOCK_C])
+            p = tl.where(mask, p_const, 0.0)
+        u_q, u_p = _jsd_logs(lp - lq, beta)
+        # A term of weight 0 is exactly 0 (there lq - lm or lp - lm may be -inf or NaN).
+        d_vec += tl.where(p > 0.0, p * u_p, 0.0)
+        y_vec += tl.where(q > 0.0, q * u_q, 0.0)
+    return tl.sum(d_vec, 0), tl.sum(y_vec, 0)
+
+
+@triton.jit
 def _jsd_terms(p, lp, q, lq, beta):
     """Per class, beta p (lp - lm) + (1 - beta) q (lq - lm) (the JSD's terms) and q (lq - lm)
     (those of KL(q || m)), m = beta p + (1 - beta) q; a term of weight p or q = 0 is exactly 0."""
-    lm = tl.log(beta * p + (1.0 - beta) * q)
-    yq = tl.where(q > 0.0, q * (lq - lm), 0.0)
-    d = tl.where(p > 0.0, beta * p * (lp - lm), 0.0) + (1.0 - beta) * yq
+    u, v = _jsd_logs(lp - lq, beta)
+    yq = tl.where(q > 0.0, q * u, 0.0)
+    d = tl.where(p > 0.0, beta * p * v, 0.0) + (1.0 - beta) * yq
     return d, yq
 
 
-def _block_c(classes: int) -> int:
-    # Whole rows up to 4096 classes in one chunk; wider rows stream in 4096-wide chunks.
-    return min(max(triton.next_power_of_2(classes), 16), 4096)
+def _block_c(classes: int, divergence: int = 0) -> int:
+    # Whole rows up to 4096 classes in one chunk; wider rows stream in 4096-wide chunks. JSD: up
+    # to 2048 (see _num_warps).
+    return min(max(triton.next_power_of_2(classes), 16), 2048 if divergence == 2 else 4096)
 
 
-def _num_warps(block_c: int) -> int:
+def _num_warps(block_c: int, divergence: int = 0) -> int:
     """Warps per program: at most 8 elements of a chunk per thread from 1024 classes up.
 
     ptxas -v (tests/gpu_compile.py, sm_90 and sm_80; the heaviest case is 8 teachers, CE,
@@ -617,9 +644,16 @@ def _num_warps(block_c: int) -> int:
     16 at 4096 and the register budget of _common.MAXNREG no kernel spills and the largest takes
     126 registers (Triton 3.8; 122 with Triton 3.6); up to 512 classes 4 warps stay at or below
     100.
+
+    JSD keeps more per class across the teachers in its gradient sweep (the student's logit and
+    the sum of the log-ratios, for forward KL one running value): with 8 teachers and 8 elements
+    per thread ptxas spilled 192 bytes (sm_90, C = 50257, 16 warps), so its chunks stop at 2048
+    classes, 16 warps, at most 4 elements per thread.
     """
     if block_c <= 512:
         return 4
+    if divergence == 2 and block_c == 2048:
+        return 16
     return 8 if block_c <= 2048 else 16
 
 
@@ -776,10 +810,10 @@ def kd_loss_fwd_triton(
         UNIT_T=temperature == 1.0,
         SMOOTH=has_ce and label_smoothing != 0.0,
         HAS_GRAD=compute_grad,
-        BLOCK_C=_block_c(classes),
+        BLOCK_C=_block_c(classes, divergence),
         BLOCK_K=_block_k(sk),
         DIVERGENCE=int(divergence),
-        num_warps=_num_warps(_block_c(classes)),
+        num_warps=_num_warps(_block_c(classes, divergence), divergence),
         maxnreg=MAXNREG,
     )
     loss = row_loss if per_row else row_loss.sum()

@@ -215,6 +215,39 @@ def _cases() -> Iterator[tuple[str, Callable[[], object]]]:
     yield sp_case("inner > 1", 1000, [20, 3], rows=6, inner=3, **dict(heavy, tdts=(bf16,)))
     yield sp_case("unaligned student", 1000, [20], offset=True, **dict(heavy, tdts=(f32,)))
 
+    # ---- KD with the other divergences (DIVERGENCE 1: reverse KL, 2: JSD; 0 above is forward
+    # KL): their own sweeps and terms, so the same coverage in brief. Every chunk width with the
+    # lightest and the heaviest option sets; teacher counts, dense and sparse; each option off;
+    # chunked k; dtypes; layouts.
+    for div in (1, 2):
+        name = ("reverse KL", "JSD")[div - 1]
+        for c in (1, 17, 33, 100, 250, 500, 1000, 2000, 4096, 50257):
+            yield kd_case(f"{name}, 1 teacher", c, div=div)
+            yield kd_case(f"{name}, 8 teachers, CE, smoothing, row weights", c, sdt=bf16, div=div,
+                          **dict(full, tdts=(bf16,) * 8))
+        yield kd_case(f"{name}, 1 teacher, no grad, T=1", 1000, grad=False, t=1.0, div=div)
+        for c in (1000, 32000):
+            for ns in (1, 2, 4, 8):
+                ks = [(7, 64, 300, 5, 1, 100, 40, 1000)[i] for i in range(ns)]
+                yield sp_case(f"{name}, no dense teacher", c, ks, tdts=(), div=div)
+                yield sp_case(f"{name}, {8 - ns} dense teachers, CE, smoothing, row weights", c,
+                              ks, div=div, **dict(heavy, tdts=(bf16,) * (8 - ns)))
+            for opt, change in (("kd row weights", dict(kd_rw=False)),
+                                ("CE", dict(ce=0.0, ce_rw=False, smooth=0.0)),
+                                ("T != 1", dict(t=1.0)), ("grad", dict(grad=False))):
+                yield sp_case(f"{name}, 2 dense teachers, CE, smoothing, row weights, without "
+                              f"{opt}", c, [64, 8], div=div,
+                              **dict(heavy, tdts=(f32, f16), **change))
+        for k in (1, 100, 1024, 3000):
+            yield sp_case(f"{name}, 1 dense teacher", 4096, [k], div=div)
+        yield sp_case(f"{name}, k == C", 100, [100], tdts=(), t=1.0, div=div)
+        for sdt in dtypes:
+            yield kd_case(f"{name}, {short[sdt]} student and teachers", 1000, sdt=sdt,
+                          tdts=(sdt, sdt), div=div)
+        yield kd_case(f"{name}, inner > 1", 1000, rows=6, inner=3, div=div, **full)
+        yield sp_case(f"{name}, unaligned student", 1000, [20], offset=True, div=div,
+                      **dict(heavy, tdts=(f32,)))
+
     # ---- Feature regression: BLOCK = next_pow2(n) clamped to [16, 2048] (plain, n = numel) or
     # [16, 4096] (normalize, n = sample length); p, normalize, dtypes, layouts, pair counts,
     # gradient masks.

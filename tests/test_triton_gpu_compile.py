@@ -38,6 +38,8 @@ REQUIRED = {
         "SMOOTH": {False, True}, "HAS_GRAD": {False, True},
         # Sparse teachers: none (the dense kernel) to eight, every chunk width of their k entries.
         "NUM_S": set(range(0, 9)), "BLOCK_K": {16, 32, 64, 128, 256, 512, 1024},
+        # Forward KL, reverse KL, JSD (REQUIRED_PER_DIVERGENCE: what each must reach).
+        "DIVERGENCE": {0, 1, 2},
     },
     "_feature_regression_fwd_kernel": {
         "NUM_PAIRS": set(range(1, 9)), "P": {1, 2}, "NORMALIZE": {False, True},
@@ -48,6 +50,14 @@ REQUIRED = {
     "_scale_grad_kernel": {"PER_ROW": {False, True}},
     "_scale_grads_kernel": {"NUM": set(range(1, 9))},
 }
+# The KD kernel's constexpr values compiled with each divergence: every chunk width (JSD's stop
+# at 2048), no to eight dense and sparse teachers, chunked k, and each option on and off.
+REQUIRED_PER_DIVERGENCE = {
+    "NUM_T": {0, 1, 8}, "NUM_S": {0, 1, 8}, "BLOCK_K": {16, 1024},
+    "HAS_KD_RW": {False, True}, "HAS_CE": {False, True}, "HAS_CE_RW": {False, True},
+    "UNIT_T": {False, True}, "SMOOTH": {False, True}, "HAS_GRAD": {False, True},
+}
+DIVERGENCE_BLOCKS = {0: KD_BLOCKS, 1: KD_BLOCKS, 2: KD_BLOCKS - {4096}}
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +128,20 @@ def test_every_option_is_compiled_for_every_target(compiled):
             for name, values in required.items():
                 missing = values - seen[kernel][name]
                 assert not missing, f"{kernel} sm_{arch}: no kernel with {name} in {missing}"
+        for div in REQUIRED["_kd_loss_fwd_kernel"]["DIVERGENCE"]:
+            seen_div = defaultdict(set)
+            for r in records:
+                if (r["arch"] == arch and r["kernel"] == "_kd_loss_fwd_kernel"
+                        and r["constexprs"]["DIVERGENCE"] == div):
+                    for name, value in r["constexprs"].items():
+                        seen_div[name].add(value)
+            for name, values in dict(REQUIRED_PER_DIVERGENCE,
+                                     BLOCK_C=DIVERGENCE_BLOCKS[div]).items():
+                missing = values - seen_div[name]
+                assert not missing, (
+                    f"_kd_loss_fwd_kernel sm_{arch} DIVERGENCE={div}: no kernel with {name} in "
+                    f"{missing}"
+                )
     # The same specialisations for each target.
     specs = {a: sorted(_key(r) for r in records if r["arch"] == a) for a in ARCHS}
     assert specs[ARCHS[0]] == specs[ARCHS[1]]
