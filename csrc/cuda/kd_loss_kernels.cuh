@@ -661,7 +661,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
     const float m_s = finite_or_zero(group.max(mx));
     const bool need_e1 = p.v != 0.0f && !unit_T;
     const bool need_sum = p.v != 0.0f && eps != 0.0f;
-    const bool need_rel = p.sparse != 0;
+    const bool need_rel = DIV == kForwardKL && p.sparse != 0;
     float st[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int j = 0; j < CH; ++j) {
@@ -722,19 +722,19 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
         const float w = teacher_weight(a, k, row);
         load_resident(teacher_row<Tt>(a, k, row), t, nch, tpr, lane, C);
         float mt = neg_inf();
-  #pragma unroll
+#pragma unroll
         for (int j = 0; j < CH; ++j) {
           if (j < nch) {
-  #pragma unroll
+#pragma unroll
             for (int e = 0; e < VEC; ++e) mt = fmaxf(mt, t[j][e]);
           }
         }
         const float m_t = finite_or_zero(group.max(mt));
         float zc[2] = {0.0f, 0.0f};
-  #pragma unroll
+#pragma unroll
         for (int j = 0; j < CH; ++j) {
           if (j < nch) {
-  #pragma unroll
+#pragma unroll
             for (int e = 0; e < VEC; ++e) {
               const float x = t[j][e];
               const float ex = __expf((x - m_t) * inv_T);
@@ -749,10 +749,10 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
         loss += w * T * (zc[1] / zc[0] + lse_diff(m_s, log_zs, m_t, __logf(zc[0]), inv_T));
         const float coef = w / zc[0];
         if constexpr (MULTI) {
-  #pragma unroll
+#pragma unroll
           for (int j = 0; j < CH; ++j) {
             if (j < nch) {
-  #pragma unroll
+#pragma unroll
               for (int e = 0; e < VEC; ++e) acc[j][e] += coef * t[j][e];
             }
           }
