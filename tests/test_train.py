@@ -141,7 +141,7 @@ def test_demo_table_and_files(tmp_path, cache_dir, capsys):
     code = main([
         "--demo", "--demo-methods", "scratch", "kd", "topk", "--demo-seeds", "0", "1",
         "--epochs", "2", "--max-steps-per-epoch", "2", "--teacher-epochs", "1",
-        "--cache-dir", cache_dir, "--output", str(out),
+        "--cache-dir", cache_dir, "--output", str(out), "--no-demo-store",
     ])
     assert code == 0
     text = capsys.readouterr().out

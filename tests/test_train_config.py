@@ -193,7 +193,8 @@ def test_every_option_works_from_a_config_file(tmp_path):
 
     from fastkd.train.config import OPTIONS
 
-    values = {"method": "kd", "demo_seeds": [4, 5], "demo_methods": ["kd"], "data": "d",
+    values = {"method": "kd", "demo_seeds": [4, 5], "demo_methods": ["kd"], "demo_store": False,
+              "data": "d", "augment": True, "teacher_store": "ts", "crops": 3,
               "synthetic_images": 7, "synthetic_classes": 3, "train_fraction": 0.5,
               "image_size": 32, "teacher": "t", "student": "s", "teacher_weights": ["w"],
               "teacher_epochs": 2, "cache_dir": "c", "epochs": 3, "batch_size": 4, "lr": 0.5,

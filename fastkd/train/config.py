@@ -111,6 +111,11 @@ class Config:
     demo_seeds: list[int] = option(RUN, [0, 1, 2], "seeds of the demo's runs", runtime=True)
     demo_methods: list[str] = option(RUN, list(METHODS), "methods the demo runs",
                                      choices=METHODS, runtime=True)
+    demo_store: bool = option(RUN, True, (
+        "the demo also compares training from a teacher store with the live teacher on "
+        "crop + flip augmented digits: scratch, kd and topk with --augment, then kd and topk "
+        "from a store of 16 crops and the teacher's top 5 classes per image, built once"),
+        runtime=True)
     config: str | None = option(RUN, None, (
         "YAML or JSON file of option values (keys as the long flags, with - or _); flags given on "
         "the command line override it"), metavar="FILE", runtime=True, in_file=False)
