@@ -255,10 +255,10 @@ def test_module_matches_functional():
 
 
 def test_default_chunk_size_rule():
-    assert default_chunk_size(4096, 1024, 32000) == 256
-    assert default_chunk_size(8192, 4096, 128256) == 256
+    assert default_chunk_size(4096, 1024, 32000) == 512
+    assert default_chunk_size(8192, 4096, 128256) == 1024
+    assert default_chunk_size(4096, 4096, 128256) == 512
     assert default_chunk_size(65536, 4096, 128256) == 1024  # capped
-    assert default_chunk_size(16384, 4096, 128256) == 512
     assert default_chunk_size(37, 16, 53) == 37  # fewer rows than the 256-row floor
     assert default_chunk_size(100000, 64, 128256) == 256  # the floor
 

@@ -50,11 +50,12 @@ from .kd_loss import (
     _refuse_zero_tails,
 )
 
-# chunk_size=None: the rows whose [chunk, C] logits hold as many elements as the [N, H] hidden
+# chunk_size=None: the rows whose [chunk, C] logits hold 4x as many elements as the [N, H] hidden
 # states, rounded down to a multiple of _CHUNK_ALIGN and clamped to [_MIN_CHUNK, _MAX_CHUNK], at
-# most N. Below _MIN_CHUNK rows the in-place accumulation of the weight's gradient (one read and
-# write of W per chunk) costs more than the chunk's matmuls; above _MAX_CHUNK a chunk only adds
-# memory.
+# most N. Each chunk reads and writes the whole weight gradient once (its in-place addmm_), so
+# fewer, larger chunks are faster (on the CPU at fp32, 1024-row chunks took about 10 % less time
+# than 256-row ones at N = 2048, H = 1024, C = 32000); above _MAX_CHUNK a chunk only adds memory.
+_CHUNK_ELEMENTS = 4
 _MIN_CHUNK = 256
 _MAX_CHUNK = 1024
 _CHUNK_ALIGN = 256
@@ -62,10 +63,11 @@ _CHUNK_ALIGN = 256
 
 def default_chunk_size(rows: int, hidden: int, classes: int) -> int:
     """The ``chunk_size`` that ``chunk_size=None`` picks for ``rows`` (N) rows of ``hidden`` (H)
-    features and ``classes`` (C) classes: ``min(N, clamp(floor(N * H / C / 256) * 256, 256,
+    features and ``classes`` (C) classes: ``min(N, clamp(floor(4 * N * H / C / 256) * 256, 256,
     1024))``. Each of the chunk's ``[chunk, C]`` buffers (student logits, teacher logits, their
-    gradient) then holds about as many elements as the hidden states, within 256 to 1024 rows."""
-    target = rows * hidden // max(classes, 1) // _CHUNK_ALIGN * _CHUNK_ALIGN
+    gradient) then holds about 4x as many elements as the hidden states, within 256 to 1024
+    rows."""
+    target = _CHUNK_ELEMENTS * rows * hidden // max(classes, 1) // _CHUNK_ALIGN * _CHUNK_ALIGN
     return max(1, min(rows, _MAX_CHUNK, max(_MIN_CHUNK, target)))
 
 
@@ -114,10 +116,10 @@ def linear_kd_loss(
             per-row losses would need each row's gradient scaled in the backward, i.e. the
             ``[N, C]`` logit gradient kept or recomputed.
         chunk_size: rows per chunk; ``None`` picks ``default_chunk_size(N, H, C)`` =
-            ``min(N, clamp(floor(N * H / C / 256) * 256, 256, 1024))``: each ``[chunk, C]``
-            buffer about the size of the hidden states, within 256 to 1024 rows. Any positive
-            value gives the same loss up to float rounding; larger chunks use more memory
-            (three ``[chunk, C]`` buffers at a time).
+            ``min(N, clamp(floor(4 * N * H / C / 256) * 256, 256, 1024))``: each
+            ``[chunk, C]`` buffer about 4x the hidden states' size, within 256 to 1024 rows.
+            Any positive value gives the same loss up to float rounding; larger chunks use more
+            memory (three ``[chunk, C]`` buffers at a time).
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (the fused
             kernel on each chunk's logits; ``"torch"`` runs the plain-PyTorch reference per chunk
             instead, with autograd for the chunk's gradient).
