@@ -73,7 +73,8 @@ constexpr int kResidentElems = 16;
 constexpr int kResidentMaxThreads = 512;
 constexpr int kResidentMaxCols = kResidentElems * kResidentMaxThreads;
 // The same for reverse KL and JSD (csrc/kd_loss.h's divergence), whose resident kernel keeps the
-// same three register rows (student, teacher, acc) with one element per access.
+// same three register rows (student, teacher, acc) with one element per access: 8 classes per
+// thread (rows up to 4096 classes; wider ones stream). At 16 the JSD kernel spilled on sm_80.
 constexpr int kDivResidentElems = 8;
 constexpr int resident_elems(int divergence) {
   return divergence == kForwardKL ? kResidentElems : kDivResidentElems;
@@ -401,8 +402,9 @@ __device__ void sparse_teacher_fixup(const KDLossArgs& a, int j, bool first, int
 //     w (1 - beta) q_id (u_id - u_tail,id) after the row's stores (read back, in the student's
 //     dtype: a bf16/fp16 entry at an id is rounded twice).
 // These kernels take one element per access (VEC = 1) and the resident kernel always keeps the
-// acc row (MULTI): every layout runs on the instantiations one divergence adds (resident and
-// streaming kernel per student x teacher dtype), at the cost of the 16-byte vector accesses.
+// acc row (MULTI), with kDivResidentElems classes per thread: every layout runs on the
+// instantiations one divergence adds (resident and streaming kernel per student x teacher dtype,
+// 36 in all for the two), at the cost of the 16-byte vector accesses.
 
 // A sparse teacher's statistics on a row for reverse KL and JSD, the same in every thread.
 struct DivSparseRow {
