@@ -135,6 +135,7 @@ def main() -> None:
 
     from fastkd.train import Config
     from fastkd.train import store as st
+    from fastkd.train.store_build import build
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,7 +148,7 @@ def main() -> None:
                   device=args.device, threads=args.threads, progress=False, plot=False)
     # The store build: the teacher once over every image's crops.
     t0 = time.perf_counter()
-    built = st.build(Config(method="kd", output=str(store_dir), crops=args.crops,
+    built = build(Config(method="kd", output=str(store_dir), crops=args.crops,
                             topk=args.topk, overwrite=True, **common), log=print)
     build_s = time.perf_counter() - t0
     size = sum((store_dir / f"{f}.npy").stat().st_size for f in st.FILES)

@@ -18,6 +18,7 @@ from fastkd.train import store as st
 from fastkd.train.__main__ import main
 from fastkd.train.config import resolve
 from fastkd.train.runtime import resolve_device
+from fastkd.train.store_build import build
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +46,7 @@ def run_cfg(store_dir, output, cache_dir, method="kd", **kw):
 @pytest.fixture(scope="module")
 def digits_store(tmp_path_factory, cache_dir):
     path = tmp_path_factory.mktemp("store") / "digits"
-    st.build(build_cfg(path, cache_dir), log=lambda s: None)
+    build(build_cfg(path, cache_dir), log=lambda s: None)
     return path
 
 
@@ -247,21 +248,21 @@ def test_interrupted_build_resumes_and_equals_an_uninterrupted_one(digits_store,
 
     monkeypatch.setattr(st._Writer, "write_chunk", crash_after_two)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        st.build(build_cfg(part, cache_dir), log=lambda s: None)
+        build(build_cfg(part, cache_dir), log=lambda s: None)
     monkeypatch.undo()
     assert not json.loads((part / "meta.json").read_text())["complete"]
     assert (np.load(part / "done.npy") != 0).sum() == 2
     with pytest.raises(st.StoreError, match="incomplete \\(2 of 4 chunks built\\)"):
         st.verify(part)
     lines = []
-    result = st.build(build_cfg(part, cache_dir), log=lines.append)
+    result = build(build_cfg(part, cache_dir), log=lines.append)
     assert result.images == 126 - 64 and any("2 of 4 chunks already built" in x for x in lines)
     assert_same_store(digits_store, part)
     # A complete store is left alone; other settings are refused unless --overwrite.
-    assert st.build(build_cfg(part, cache_dir), log=lambda s: None).images == 0
+    assert build(build_cfg(part, cache_dir), log=lambda s: None).images == 0
     with pytest.raises(st.StoreError, match="built with other settings \\(k: store 4, this "
                                             "run 5\\)"):
-        st.build(build_cfg(part, cache_dir, topk=5), log=lambda s: None)
+        build(build_cfg(part, cache_dir, topk=5), log=lambda s: None)
 
 
 def test_kill_9_during_a_build(tmp_path, cache_dir, digits_store):
@@ -316,7 +317,7 @@ def test_dih_store_cohort(tmp_path, cache_dir):
     """A dih store holds the heads' and the teacher's outputs (the heads trained by the build);
     dih trains from it without the teacher."""
     path = tmp_path / "dih"
-    st.build(build_cfg(path, cache_dir, method="dih", dih_head_epochs=1), log=lambda s: None)
+    build(build_cfg(path, cache_dir, method="dih", dih_head_epochs=1), log=lambda s: None)
     meta = json.loads((path / "meta.json").read_text())
     assert meta["teachers"] == [*(f"digits-teacher:head{i}" for i in range(1, 5)),
                                 "digits-teacher"]

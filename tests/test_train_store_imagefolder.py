@@ -12,6 +12,7 @@ from test_train_reliability import assert_same_run
 from fastkd.train import Config, Interrupted, train
 from fastkd.train import store as st
 from fastkd.train.config import resolve
+from fastkd.train.store_build import build
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def folder_store(image_root, tmp_path_factory):  # noqa: F811
     weights = weights_file(tmp, "resnet18")
     path = tmp / "store"
     # 18 training images in chunks of 6, two crops each.
-    st.build(Config(method="kd", data=str(image_root), teacher="resnet18",
+    build(Config(method="kd", data=str(image_root), teacher="resnet18",
                     teacher_weights=[weights], student="resnet18", image_size=32,
                     output=str(path), crops=2, topk=2, batch_size=6, workers=1, threads=1,
                     progress=False), log=lambda s: None)

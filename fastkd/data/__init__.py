@@ -3,6 +3,7 @@ the data stream a pure function of (seed, epoch) so runs resume exactly."""
 
 from .augment import CropFlip, SeededCropFlip, augmentation_key
 from .digits import (
+    AUGMENTATION,
     IMAGE_SHAPE,
     NUM_CLASSES,
     BatchedTensorDataset,
@@ -15,6 +16,7 @@ from .sampling import ResumableDistributedSampler, SeededAugmentation, ShardSamp
 from .synthetic import SyntheticImages
 
 __all__ = [
+    "AUGMENTATION",
     "CropFlip",
     "SeededCropFlip",
     "augmentation_key",

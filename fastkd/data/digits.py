@@ -13,11 +13,16 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import TensorDataset
 
+from .augment import CropFlip
+
 # The split never depends on the training seed: every method and seed is scored on one val set.
 SPLIT_SEED = 0
 VAL_FRACTION = 0.3
 NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 8, 8)
+# The train transform of augmented digits (the trainer's --augment, teacher stores): a crop of at
+# least half the image, resized back to 8x8, and a horizontal flip.
+AUGMENTATION = CropFlip(8, scale=(0.5, 1.0), flip_p=0.5)
 
 
 class BatchedTensorDataset(TensorDataset):

@@ -13,7 +13,7 @@ from .store import StoreError
 def _store(argv: list[str]) -> int:
     import json
 
-    from . import store
+    from . import store, store_build
 
     if argv[:1] == ["info"] and len(argv) == 2:
         try:
@@ -26,7 +26,7 @@ def _store(argv: list[str]) -> int:
         print(STORE_USAGE, end="", file=sys.stderr)
         return 2
     try:
-        store.build(parse_args(argv[1:]))
+        store_build.build(parse_args(argv[1:]))
     except StoreError as e:
         print(f"fastkd.train: error: {e}", file=sys.stderr)
         return 2

@@ -109,7 +109,7 @@ def _store_rows(cfg: Config, base: Config, out: Path, results: dict[str, list[Ru
                 say) -> float:
     """Rows '<method>+aug' (live teacher, --augment) and '<method>@store' (from a store built
     here); returns the store's build time."""
-    from .store import build
+    from .store_build import build
 
     methods = [m for m in STORE_METHODS if m in base.demo_methods]
     t0 = time.perf_counter()

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import (
+    AUGMENTATION,
     IMAGE_SHAPE,
     NUM_CLASSES,
     BatchedTensorDataset,
@@ -53,9 +54,7 @@ def load_data(cfg: Config) -> Data:
         train, val = load_digits_split(cfg.train_fraction)
         train_set = BatchedTensorDataset(train.images, train.labels)
         if cfg.augment:
-            from .store import DIGITS_CROP
-
-            train_set = SeededCropFlip(train_set, DIGITS_CROP, cfg.seed)
+            train_set = SeededCropFlip(train_set, AUGMENTATION, cfg.seed)
         return Data(train_set, BatchedTensorDataset(val.images, val.labels), NUM_CLASSES,
                     IMAGE_SHAPE, cfg.augment)
     if cfg.data == SYNTHETIC:

@@ -53,12 +53,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data.augment import CropFlip, augmentation_key, image_size
 from . import distributed
-from .config import SYNTHETIC, Config, ConfigError, resolve
+from .config import SYNTHETIC, Config, ConfigError
 
 FORMAT = "fastkd-teacher-store"
 VERSION = 1
@@ -66,9 +65,6 @@ META = "meta.json"
 FILES = ("boxes", "ids", "values")
 # Methods a store can serve: they need the teacher's class probabilities only.
 STORE_METHODS = ("kd", "topk", "dih")
-# The embedded digits' train transform when augmented: a crop of at least half the 8x8 image,
-# resized back to 8x8, and a horizontal flip.
-DIGITS_CROP = CropFlip(8, scale=(0.5, 1.0), flip_p=0.5)
 
 
 class StoreError(RuntimeError):
@@ -117,12 +113,18 @@ def _sha(*parts: bytes) -> str:
 
 def source(cfg: Config) -> Source:
     """The training set ``cfg`` names, un-augmented, with its train transform's crop and flip."""
-    from ..data import NUM_CLASSES, BatchedTensorDataset, SyntheticImages, load_digits_split
+    from ..data import (
+        AUGMENTATION,
+        NUM_CLASSES,
+        BatchedTensorDataset,
+        SyntheticImages,
+        load_digits_split,
+    )
 
     if cfg.data is None:
         train, _ = load_digits_split(cfg.train_fraction)
         fp = _sha(train.images.numpy().tobytes(), train.labels.numpy().tobytes())
-        return Source(BatchedTensorDataset(train.images, train.labels), DIGITS_CROP, None,
+        return Source(BatchedTensorDataset(train.images, train.labels), AUGMENTATION, None,
                       [str(c) for c in range(NUM_CLASSES)], fp, (1, 8, 8))
     shape = (3, cfg.image_size, cfg.image_size)
     if cfg.data == SYNTHETIC:
@@ -576,36 +578,7 @@ class BuildResult:
     images_per_s: float  # crops per second of the whole build (all ranks)
 
 
-def build(cfg: Config, log: Callable[[str], None] | None = None) -> BuildResult:
-    """``store build``: runs the teacher(s) over the training set's stored crops; see the module
-    docstring. ``cfg.output`` is the store's directory."""
-    from .engine import provide_teacher_weights
-    from .runtime import resolve_device, torch_settings
-
-    if cfg.method is None:
-        cfg.method = "kd"
-    if cfg.method not in STORE_METHODS:
-        raise ConfigError(f"store build --method {cfg.method}: a store serves "
-                          f"{', '.join(STORE_METHODS)} (the teacher's class probabilities)")
-    if cfg.teacher_store is not None:
-        raise ConfigError("store build writes a store (--output); drop --teacher-store")
-    if cfg.output is None:
-        raise ConfigError("store build needs --output DIR (the store's directory)")
-    say = log or (lambda s: print(s, flush=True))
-    cfg = resolve(cfg, world_size=distributed.env_world_size())
-    own_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    device = resolve_device(cfg)
-    d = distributed.init(device.type)
-    try:
-        with torch_settings(cfg, d, device):
-            return _build(cfg, d, device, say if d.is_main else (lambda s: None),
-                          provide_teacher_weights)
-    finally:
-        if own_group:
-            distributed.shutdown(d)
-
-
-def _teachers(cfg: Config, src: Source, device: torch.device, log, d, provide
+def _teachers(cfg: Config, src: Source, device: torch.device, log, d, provide, train_heads
               ) -> tuple[Callable[[torch.Tensor], list[torch.Tensor]], str, list[str],
                          dict[str, str]]:
     """The build's forward (logits of every cohort member), the teacher's sha256, the members'
@@ -622,7 +595,7 @@ def _teachers(cfg: Config, src: Source, device: torch.device, log, d, provide
     prepare(net, device, channels_last)
     if cfg.method != "dih":
         return (lambda x: [net(x)[1]]), sha, teacher_names(cfg), {cfg.teacher: sha}
-    heads = _dih_heads(cfg, log)
+    heads = train_heads(cfg, log)
     prepare(heads, device, channels_last)
     heads.eval()
 
@@ -634,43 +607,10 @@ def _teachers(cfg: Config, src: Source, device: torch.device, log, d, provide
     return cohort, sha, names, {cfg.teacher: sha, "heads": weights_sha256(heads.state_dict())}
 
 
-def _dih_heads(cfg: Config, log) -> nn.Module:
-    """DIH's intermediate heads, trained on the frozen teacher by the trainer's own heads phase
-    (a run of its own under ``<store>/dih-heads``, resumed if it was cut off)."""
-    import dataclasses
-
-    from . import checkpoint as ckpt
-    from . import engine
-
-    run_dir = Path(cfg.output) / "dih-heads"
-    done = run_dir / engine.CHECKPOINT
-    if done.exists():
-        saved = ckpt.load(done)
-        if saved.get("finished"):
-            log(f"dih: heads from {done}")
-            return _heads_module(saved)
-    log(f"dih: training the intermediate heads ({cfg.dih_head_epochs} epochs) in {run_dir}")
-    heads_cfg = dataclasses.replace(
-        cfg, output=str(run_dir), resume="auto" if done.exists() else None, overwrite=True,
-        plot=False, progress=False)
-    engine.train(heads_cfg, quiet=True, phases=1)
-    return _heads_module(ckpt.load(done))
-
-
-def _heads_module(saved: dict[str, Any]) -> nn.Module:
-    state = saved["modules"]["heads"]
-    layers = []
-    i = 0
-    while f"{i}.weight" in state:
-        w = state[f"{i}.weight"]
-        layer = nn.Linear(w.shape[1], w.shape[0])
-        layer.load_state_dict({"weight": w, "bias": state[f"{i}.bias"]})
-        layers.append(layer)
-        i += 1
-    return nn.ModuleList(layers).requires_grad_(False)
-
-
-def _build(cfg: Config, d: distributed.Dist, device: torch.device, log, provide) -> BuildResult:
+def build_store(cfg: Config, d: distributed.Dist, device: torch.device, log, provide,
+                train_heads) -> BuildResult:
+    """The build on this rank (``cfg`` resolved, the process group joined): ``provide`` gives the
+    teacher's weight files, ``train_heads`` DIH's trained heads (``fastkd.train.store_build``)."""
     from .runtime import autocast, to_device
 
     t0 = time.perf_counter()
@@ -681,7 +621,7 @@ def _build(cfg: Config, d: distributed.Dist, device: torch.device, log, provide)
         raise ConfigError(f"--topk {cfg.topk}: the data has {classes} classes")
     if cfg.channels_last is None:
         cfg.channels_last = device.type == "cuda"
-    forward, sha, names, shas = _teachers(cfg, src, device, log, d, provide)
+    forward, sha, names, shas = _teachers(cfg, src, device, log, d, provide, train_heads)
     meta = _build_meta(cfg, src, sha, names, shas)
     # Rank 0 decides: resume, refuse, or create.
     status = None
