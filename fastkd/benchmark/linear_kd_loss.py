@@ -24,7 +24,8 @@ Two ways to run them:
 * ``python -m fastkd bench-head`` (``main`` below) runs every (dtype, implementation) in a fresh
   Python process and measures its time and its peak memory: the median of ``--reps``
   forward+backward calls after one warm-up call, and the peak extra resident memory of one
-  forward+backward call (see ``_child``). This is the table in the README.
+  forward+backward call (see ``_child``), over ``--rounds`` rounds that interleave the
+  implementations. This is the table in the README.
 """
 
 from __future__ import annotations
@@ -233,7 +234,8 @@ def _child(spec: dict) -> dict:
       minus the resident set before it (includes one-time costs: kernel JIT, torch.compile),
     * ``peak_extra``: the same for the second call, the high-water mark reset before it (the
       steady-state cost of a training step),
-    * ``times``: ``reps`` more forward+backward calls (gradients cleared between calls, untimed).
+    * ``times``: the second call and ``reps - 1`` more forward+backward calls (gradients cleared
+      between calls, untimed).
     """
     import gc
 
@@ -257,8 +259,8 @@ def _child(spec: dict) -> dict:
         return elapsed, (_status_kib("VmHWM") - rss) * 1024, float(loss)
 
     first_time, first_peak, value = step()
-    _, peak, _ = step()
-    times = [step()[0] for _ in range(spec["reps"])]
+    second, peak, _ = step()
+    times = [second] + [step()[0] for _ in range(spec["reps"] - 1)]
     return {
         "value": value,
         "first_time_s": first_time,
@@ -338,7 +340,17 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", default="4096x1024x32000", help="NxHxC (default 4096x1024x32000)")
     p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["fp32", "bf16"])
     p.add_argument("--impl", nargs="+", choices=IMPLS, default=list(DEFAULT_IMPLS))
-    p.add_argument("--reps", type=int, default=3, help="timed calls per case (default 3)")
+    p.add_argument(
+        "--reps", type=int, default=2, help="timed calls per case and round (default 2)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="fresh processes per case, the implementations interleaved (every other round in "
+        "reverse order) so that a machine whose speed drifts affects them alike; the median "
+        "is over every round's calls, the memory the largest of the rounds (default 2)",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
@@ -354,32 +366,57 @@ def _run_main(args: argparse.Namespace) -> int:
     if len(shape) != 3 or min(shape) < 1:
         args.parser.error(f"--shape must be NxHxC, got {args.shape!r}")
     impls = list(args.impl)
+    if args.reps < 1 or args.rounds < 1:
+        args.parser.error("--reps and --rounds must be >= 1")
     reason = liger_reason()
     results = []
     for dtype in args.dtype:
+        runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+        for round_ in range(args.rounds):
+            for impl in impls if round_ % 2 == 0 else impls[::-1]:
+                spec = {"impl": impl, "dtype": dtype, "shape": shape, "reps": args.reps,
+                        "threads": args.threads, "seed": args.seed}
+                if impl.startswith("liger") and reason:
+                    r = {"error": reason}
+                else:
+                    started = time.perf_counter()
+                    r = _run_child(spec, args.timeout)
+                    r["wall_s"] = time.perf_counter() - started
+                runs[impl].append(r)
+                msg = r.get("error") or (
+                    f"median {r['median_s']:.2f} s, peak extra {_mib(r['peak_extra_bytes'])} MiB "
+                    f"(first call {_mib(r['first_peak_extra_bytes'])} MiB), loss {r['value']:.6g}"
+                )
+                print(f"{dtype} {impl} round {round_ + 1}: {msg}", file=sys.stderr, flush=True)
         for impl in impls:
-            spec = {"impl": impl, "dtype": dtype, "shape": shape, "reps": args.reps,
-                    "threads": args.threads, "seed": args.seed}
-            if impl.startswith("liger") and reason:
-                r = {"error": reason}
-            else:
-                started = time.perf_counter()
-                r = _run_child(spec, args.timeout)
-                r["wall_s"] = time.perf_counter() - started
-            r.update(impl=impl, dtype=dtype)
-            results.append(r)
-            msg = r.get("error") or (
-                f"median {r['median_s']:.2f} s, peak extra {_mib(r['peak_extra_bytes'])} MiB "
-                f"(first call {_mib(r['first_peak_extra_bytes'])} MiB), loss {r['value']:.6g}"
-            )
-            print(f"{dtype} {impl}: {msg}", file=sys.stderr, flush=True)
-            if args.json:
-                _save(args, shape, results, environment("cpu", cache_bytes("cpu")))
+            results.append(_combine(runs[impl], impl, dtype))
+        if args.json:
+            _save(args, shape, results, environment("cpu", cache_bytes("cpu")))
     table = markdown_table(results)
     print(table)
     if args.markdown:
         Path(args.markdown).write_text(table + "\n")
     return 0 if all("error" not in r for r in results) else 1
+
+
+def _combine(runs: list[dict], impl: str, dtype: str) -> dict:
+    """One case's rounds as one result: the median over every round's timed calls, the largest
+    peak of any round."""
+    ok = [r for r in runs if "error" not in r]
+    if len(ok) < len(runs):
+        error = next(r for r in runs if "error" in r)["error"]
+        return {"impl": impl, "dtype": dtype, "error": error, "rounds": runs}
+    times = [t for r in ok for t in r["times_s"]]
+    return {
+        "impl": impl,
+        "dtype": dtype,
+        "value": ok[0]["value"],
+        "median_s": statistics.median(times),
+        "times_s": times,
+        "peak_extra_bytes": max(r["peak_extra_bytes"] for r in ok),
+        "first_peak_extra_bytes": max(r["first_peak_extra_bytes"] for r in ok),
+        "rounds": runs,
+    }
 
 
 def _save(args, shape, results, env) -> None:
@@ -389,11 +426,14 @@ def _save(args, shape, results, env) -> None:
         "temperature": TEMPERATURE,
         "threads": args.threads,
         "reps": args.reps,
+        "rounds": args.rounds,
         "peak_memory": "per case a fresh process (glibc MALLOC_MMAP_THRESHOLD_=65536, "
         "FASTKD_CPU_CACHE_MB=0); peak extra = VmHWM during one forward+backward call (reset "
         "through /proc/self/clear_refs before it) minus VmRSS before it; the second call is "
         "reported, the first (one-time costs included) beside it",
-        "timer": "time.perf_counter around forward+backward, median of reps after two calls",
+        "timer": "time.perf_counter around forward+backward; per round a fresh process, one "
+        "untimed call, then reps timed calls; median over all rounds (implementations "
+        "interleaved, every other round reversed)",
         "environment": env,
         "results": results,
     }, indent=1) + "\n")
