@@ -23,6 +23,7 @@ import argparse
 import csv
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -146,6 +147,7 @@ def main() -> None:
                   image_size=args.image_size, batch_size=args.batch_size, teacher="resnet34",
                   student="resnet18", workers=0, amp=args.amp, channels_last=args.channels_last,
                   device=args.device, threads=args.threads, progress=False, plot=False)
+    load_before = os.getloadavg()
     # The store build: the teacher once over every image's crops.
     t0 = time.perf_counter()
     built = build(Config(method="kd", output=str(store_dir), crops=args.crops,
@@ -186,6 +188,8 @@ def main() -> None:
         "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit(), "device": str(setups[0].device),
+        # Other processes on the machine: the 1-minute load average before and after.
+        "load_average_1min": [load_before[0], os.getloadavg()[0]],
     }
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     (out / "store_bench.json").write_text(json.dumps(
@@ -213,7 +217,9 @@ def main() -> None:
         f"`python bench/bench_teacher_store.py --out {args.out}` "
         f"({' '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in settings.items())})\n\n"
         f"Machine: {machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}, "
-        f"{machine['device']}; {machine['date']}, commit {machine['commit']}.\n\n"
+        f"{machine['device']}; {machine['date']}, commit {machine['commit']}; 1-minute load "
+        f"average {machine['load_average_1min'][0]:.1f} before, "
+        f"{machine['load_average_1min'][1]:.1f} after (other processes share the cores).\n\n"
         f"ResNet-34 teacher -> ResNet-18 student, {args.image_size}x{args.image_size} images, "
         f"batch {args.batch_size}, 1000 classes, fp32 unless --amp; medians of {args.steps} "
         "interleaved steps per set-up (ms per step and per section):\n\n"
