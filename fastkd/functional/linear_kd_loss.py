@@ -15,8 +15,8 @@ multiply with float32 accumulation), the teacher's likewise for a `LinearTeacher
 sparse teacher is sliced), one call of the fused KD kernel (``fastkd::kd_loss_fwd``) that returns
 the chunk's loss and the gradient of its logits, then that gradient carried to the hidden states
 (``g @ W``), the weight (``W.grad += g.T @ h``, one in-place ``addmm_`` per chunk) and the bias
-(``g.sum(0)``, summed in float32); the chunk's logits and their gradient are freed before the next
-chunk.
+(``g.sum(0)``, summed in float32). The chunks' logits reuse two ``[chunk_size, C]`` buffers; each
+chunk's gradient is freed before the next chunk.
 Neither model's ``[N, C]`` logits ever exist: the extra memory is ``O(chunk_size * C)`` plus the
 gradients themselves. The kernel's coefficients and per-row weights (``1 / |counted rows|``) are
 planned once for all ``N`` rows, so ``"batchmean"`` normalises by the whole batch, exactly as the
@@ -427,16 +427,26 @@ def _chunk_loop(
     grad_b_acc = weight.new_zeros((classes,), dtype=acc) if want_b else None
     loss = hidden.new_zeros((), dtype=acc)
     wt = weight.t()
+    # The chunk's logits are written into two buffers allocated once: a fresh [chunk, C] tensor
+    # per chunk would be a fresh mmap (above glibc's 32 MiB threshold) whose pages fault in again.
+    span = min(chunk_size, rows)
+    s_buf = weight.new_empty((span, classes))
+    t_buf = None if teacher_weight is None else teacher_weight.new_empty((span, classes))
     for start in range(0, rows, chunk_size):
         end = min(rows, start + chunk_size)
         h = hidden[start:end]
-        logits = torch.addmm(bias, h, wt) if bias is not None else torch.mm(h, wt)
+        logits = s_buf[: end - start]
+        if bias is not None:
+            torch.addmm(bias, h, wt, out=logits)
+        else:
+            torch.mm(h, wt, out=logits)
         if teacher_weight is not None:
             th = teacher_hidden[start:end]
-            t = (
-                torch.addmm(teacher_bias, th, teacher_weight.t()) if teacher_bias is not None
-                else torch.mm(th, teacher_weight.t())
-            )
+            t = t_buf[: end - start]
+            if teacher_bias is not None:
+                torch.addmm(teacher_bias, th, teacher_weight.t(), out=t)
+            else:
+                torch.mm(th, teacher_weight.t(), out=t)
         elif teacher_logits is not None:
             t = teacher_logits[start:end]
         else:
