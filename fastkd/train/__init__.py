@@ -10,6 +10,7 @@ Command line: ``python -m fastkd.train --help`` (or ``fastkd-train``). From Pyth
 from .checkpoint import CheckpointError
 from .config import METHODS, Config, ConfigError, parse_args
 from .engine import Interrupted, NonFiniteLoss, RunResult, train
+from .store import StoreError
 from .topk import partial_teacher, partial_teacher_logits
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Interrupted",
     "NonFiniteLoss",
     "RunResult",
+    "StoreError",
     "parse_args",
     "partial_teacher",
     "partial_teacher_logits",
