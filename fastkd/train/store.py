@@ -378,7 +378,9 @@ def open_for_run(cfg: Config, src: Source, teacher_sha: str | None) -> OpenStore
     path = Path(cfg.teacher_store)
     meta = verify(path)
     wanted = _identity(cfg, src, teacher_sha)
-    keys = [k for k in wanted if k != "teacher_sha256" or teacher_sha is not None]
+    # The data set's name (a path for folders) is informative only: its fingerprint identifies it.
+    keys = [k for k in wanted if k != "dataset"
+            and (k != "teacher_sha256" or teacher_sha is not None)]
     diffs = _differences(meta, wanted, keys)
     if cfg.method == "topk" and meta["k"] < cfg.topk:
         diffs.append(f"k: the store keeps {meta['k']} classes per crop, --topk {cfg.topk} needs "
@@ -718,7 +720,7 @@ def _prepare_dir(cfg: Config, path: Path, meta: dict[str, Any], log) -> str:
                 return f"error:{e}; pass --overwrite to replace it"
             saved = None
         if saved is not None:
-            keys = [k for k in meta if k not in ("complete", "build")]
+            keys = [k for k in meta if k not in ("complete", "build", "dataset")]
             diffs = _differences(saved, meta, keys)
             if diffs and not cfg.overwrite:
                 return (f"error:--output {path} holds a teacher store built with other settings "
