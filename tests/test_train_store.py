@@ -337,3 +337,16 @@ def test_augmented_digits_do_not_depend_on_workers(tmp_path, cache_dir):
 
     a, b = run(0, "a"), run(2, "b")
     assert [r["train_loss"] for r in a.history] == [r["train_loss"] for r in b.history]
+
+
+def test_demo_store_rows(tmp_path, cache_dir, capsys):
+    out = tmp_path / "demo"
+    code = main(["--demo", "--demo-methods", "kd", "--demo-seeds", "0", "--epochs", "1",
+                 "--max-steps-per-epoch", "1", "--teacher-epochs", "1", "--cache-dir",
+                 cache_dir, "--output", str(out)])
+    assert code == 0
+    summary = json.loads((out / "demo.json").read_text())["summary"]
+    assert [s["method"] for s in summary] == ["kd", "kd+aug", "kd@store"]
+    meta = json.loads((out / "store" / "meta.json").read_text())
+    assert meta["complete"] and meta["crops"] == 16 and meta["k"] == 5
+    assert "teacher store (16 crops x 126 images, top 5)" in capsys.readouterr().out
