@@ -30,6 +30,10 @@ def build(cfg: Config, log: Callable[[str], None] | None = None) -> BuildResult:
     of each; chunks of ``cfg.batch_size`` images, shared out over torchrun's ranks."""
     if cfg.method is None:
         cfg = dataclasses.replace(cfg, method="kd")
+    if cfg.student is None and cfg.data is not None:
+        # The build trains no student (DIH's heads run builds one it does not train): --student
+        # is optional here.
+        cfg = dataclasses.replace(cfg, student=cfg.teacher)
     if cfg.method not in STORE_METHODS:
         raise ConfigError(f"store build --method {cfg.method}: a store serves "
                           f"{', '.join(STORE_METHODS)} (the teacher's class probabilities)")
