@@ -346,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
             "main job: scratch and every distillation method over 3 seeds on the embedded data, "
             "a table and a plot. Hyper-parameters default to the papers' values (fastkd's "
             "docs/methods.md); on the embedded data, epoch counts are scaled down and epoch "
-            "boundaries scaled with them."
+            "boundaries scaled with them. `python -m fastkd.train store build --output DIR "
+            "--crops M --topk K [these options]` runs the teacher once over M stored crops per "
+            "training image for --teacher-store DIR (docs/teacher_store.md); `store info DIR` "
+            "verifies a store."
         ),
     )
     groups: dict[str, argparse._ArgumentGroup] = {}
