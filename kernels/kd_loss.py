@@ -63,7 +63,7 @@ code): the term of teacher k is ``T w_k D_k`` and its gradient ``w_k dD_k/dz`` (
   (1 - beta) q)``, one log, in the gradient's); a third pass over its k entries replaces the
   tail's terms of D and Y by the ids' own, and the fix-up adds ``w (1 - beta) q_i (lm_tail,i -
   lm_i)`` at each id. A term whose weight p or q is 0 contributes exactly 0 (so ``p_tail = 0``,
-  tail ``-inf``, is fine). Chunks stop at 2048 classes (registers: _num_warps).
+  tail ``-inf``, is fine). Chunks stop at 1024 classes (registers: _num_warps).
 """
 
 from __future__ import annotations
@@ -409,7 +409,7 @@ def _kd_loss_fwd_kernel(
                 so0, so1, so2, so3, so4, so5, so6, so7,
                 si0, si1, si2, si3, si4, si5, si6, si7,
                 w, kidx, m_ts, log_zts, w_sum, c_row, m_s, log_zq, log_z1, inv_t, v, y, eps, C,
-                sp_stats, sidx, beta, NUM_T, NUM_S, HAS_CE, BLOCK_C, DIVERGENCE,
+                sp_stats, sidx, beta, temperature, NUM_T, NUM_S, HAS_CE, BLOCK_C, DIVERGENCE,
             )
             tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
         # Sparse teachers' ids, one teacher at a time, after the row's stores: the id's own term
@@ -462,7 +462,8 @@ def _kd_loss_fwd_kernel(
                         so0, so1, so2, so3, so4, so5, so6, so7,
                         si0, si1, si2, si3, si4, si5, si6, si7,
                         w, kidx, m_ts, log_zts, w_sum, c_row, m_s, log_zq, log_z1, inv_t, v, y,
-                        eps, C, sp_stats, sidx, beta, NUM_T, NUM_S, HAS_CE, BLOCK_K, DIVERGENCE,
+                        eps, C, sp_stats, sidx, beta, temperature, NUM_T, NUM_S, HAS_CE, BLOCK_K,
+                        DIVERGENCE,
                     )
                     if j > 0:
                         stored = tl.load(g_row + ids, mask=ok, other=0.0).to(tl.float32)
@@ -478,7 +479,7 @@ def _grad_at(
     so0, so1, so2, so3, so4, so5, so6, so7,
     si0, si1, si2, si3, si4, si5, si6, si7,
     w, kidx, m_ts, log_zts, w_sum, c_row, m_s, log_zq, log_z1, inv_t, v, y, eps, C,
-    sp_stats, sidx, beta,
+    sp_stats, sidx, beta, temperature,
     NUM_T: tl.constexpr, NUM_S: tl.constexpr, HAS_CE: tl.constexpr, BLOCK: tl.constexpr,
     DIVERGENCE: tl.constexpr,
 ):
@@ -490,7 +491,7 @@ def _grad_at(
         g = w_sum * tl.exp((x - m_s) * inv_t - log_zq)
         if NUM_S > 0:
             g -= c_row
-    else:
+    elif DIVERGENCE == 1:
         g = _other_kd_grad(
             x, offs, mask, row, inner,
             t0, t1, t2, t3, t4, t5, t6, t7,
@@ -499,8 +500,23 @@ def _grad_at(
             w, kidx, m_ts, log_zts, w_sum, c_row, m_s, log_zq, inv_t, sp_stats, sidx, beta,
             NUM_T, NUM_S, BLOCK, DIVERGENCE,
         )
+    else:
+        # JSD keeps lq = log q per class across the teachers instead of x (registers); CE's
+        # exponent s - m_s is taken back from it.
+        lq = (x - m_s) * inv_t - log_zq
+        g = _other_kd_grad(
+            lq, offs, mask, row, inner,
+            t0, t1, t2, t3, t4, t5, t6, t7,
+            so0, so1, so2, so3, so4, so5, so6, so7,
+            si0, si1, si2, si3, si4, si5, si6, si7,
+            w, kidx, m_ts, log_zts, w_sum, c_row, m_s, log_zq, inv_t, sp_stats, sidx, beta,
+            NUM_T, NUM_S, BLOCK, DIVERGENCE,
+        )
     if HAS_CE:
-        sm = tl.exp(x - m_s - log_z1)
+        if DIVERGENCE == 2:
+            sm = tl.exp((lq + log_zq) * temperature - log_z1)
+        else:
+            sm = tl.exp(x - m_s - log_z1)
         target = eps / C + tl.where(offs == y, 1.0 - eps, 0.0)
         g += v * (sm - target)
     if DIVERGENCE == 0:
@@ -525,24 +541,27 @@ def _grad_at(
 
 @triton.jit
 def _other_kd_grad(
-    x, offs, mask, row, inner,
+    xl, offs, mask, row, inner,
     t0, t1, t2, t3, t4, t5, t6, t7,
     so0, so1, so2, so3, so4, so5, so6, so7,
     si0, si1, si2, si3, si4, si5, si6, si7,
     w, kidx, m_ts, log_zts, w_sum, c_row, m_s, log_zq, inv_t, sp_stats, sidx, beta,
     NUM_T: tl.constexpr, NUM_S: tl.constexpr, BLOCK: tl.constexpr, DIVERGENCE: tl.constexpr,
 ):
-    """The teachers' gradient terms of reverse KL (DIVERGENCE 1) and JSD (2) at the student
-    logits `x` of the classes `offs`, the sparse teachers' as if every class were a tail class:
+    """The teachers' gradient terms of reverse KL (DIVERGENCE 1) and JSD (2) at the classes
+    `offs`, given the student's logits `xl` (reverse KL) or lq = log q (JSD) there, the sparse
+    teachers' as if every class were a tail class:
 
         reverse KL: (q / T) (W (s - m_s) - sum_k w_k (t_k - m_k) - c_row),  W = sum_k w_k
         JSD:        (1 - beta) q (sum_k w_k (lq - lm_k) - c_row)
 
     with c_row the row constant of the kernel; q = 0 gives exactly 0."""
     if DIVERGENCE == 1:
-        acc = w_sum * (x - m_s)
+        acc = w_sum * (xl - m_s)
+        lq = (xl - m_s) * inv_t - log_zq
     else:
         acc = tl.zeros([BLOCK], dtype=tl.float32)
+        lq = xl
     for k in tl.static_range(NUM_T):
         # Branch-free as for forward KL: a teacher of weight 0 loads nothing.
         wk = tl.sum(tl.where(kidx == k, w, 0.0), 0)
@@ -557,13 +576,11 @@ def _other_kd_grad(
         if DIVERGENCE == 1:
             acc -= tl.where(live, wk * (xt - m_t), 0.0)
         else:
-            # lq - lm from lp - lq (one exp and one log), lq recomputed from x rather than kept:
-            # registers.
+            # lq - lm from lp - lq: one exp and one log.
             log_zt = tl.sum(tl.where(kidx == k, log_zts, 0.0), 0)
             lp = (xt - m_t) * inv_t - log_zt
-            u, _ = _jsd_logs(lp - ((x - m_s) * inv_t - log_zq), beta)
+            u, _ = _jsd_logs(lp - lq, beta)
             acc += wk * u
-    lq = (x - m_s) * inv_t - log_zq
     q = tl.exp(lq)
     if DIVERGENCE == 2:
         for j in tl.static_range(NUM_S):
@@ -630,8 +647,8 @@ def _jsd_terms(p, lp, q, lq, beta):
 
 def _block_c(classes: int, divergence: int = 0) -> int:
     # Whole rows up to 4096 classes in one chunk; wider rows stream in 4096-wide chunks. JSD: up
-    # to 2048 (see _num_warps).
-    return min(max(triton.next_power_of_2(classes), 16), 2048 if divergence == 2 else 4096)
+    # to 1024 (see _num_warps).
+    return min(max(triton.next_power_of_2(classes), 16), 1024 if divergence == 2 else 4096)
 
 
 def _num_warps(block_c: int, divergence: int = 0) -> int:
@@ -645,15 +662,16 @@ def _num_warps(block_c: int, divergence: int = 0) -> int:
     126 registers (Triton 3.8; 122 with Triton 3.6); up to 512 classes 4 warps stay at or below
     100.
 
-    JSD keeps more per class across the teachers in its gradient sweep (the student's logit and
-    the sum of the log-ratios, for forward KL one running value): with 8 teachers and 8 elements
-    per thread ptxas spilled 192 bytes (sm_90, C = 50257, 16 warps), so its chunks stop at 2048
-    classes, 16 warps, at most 4 elements per thread.
+    JSD keeps more per class across the teachers in its gradient sweep (log q, the sum of the
+    log-ratios and, with sparse teachers, q; forward KL one running value): with 8 teachers and 8
+    elements per thread ptxas spilled 192 bytes (sm_90, C = 50257, 16 warps), with 4 up to 48
+    bytes (sm_80 and sm_90, dense and sparse teachers, C = 1000 and 32000). Its chunks stop at
+    1024 classes, with 8 warps at 512 and 16 at 1024: at most 2 elements per thread.
     """
+    if divergence == 2:
+        return 4 if block_c <= 256 else (8 if block_c == 512 else 16)
     if block_c <= 512:
         return 4
-    if divergence == 2 and block_c == 2048:
-        return 16
     return 8 if block_c <= 2048 else 16
 
 
