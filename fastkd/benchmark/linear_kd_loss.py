@@ -21,11 +21,11 @@ Two ways to run them:
 
 * ``python -m fastkd bench --loss linear_kd_loss`` times them in-process with the rest of the
   suite (``BENCH`` below; peers ``eager``, ``compile``, ``liger``).
-* ``python -m fastkd bench-head`` (``main`` below) runs every (dtype, implementation) in a fresh
-  Python process and measures its time and its peak memory: the median of ``--reps``
-  forward+backward calls after one warm-up call, and the peak extra resident memory of one
-  forward+backward call (see ``_child``), over ``--rounds`` rounds that interleave the
-  implementations. This is the table in the README.
+* ``python -m fastkd bench-head`` (``main`` below) measures the peak extra resident memory of
+  one forward+backward call of every (dtype, implementation) in a fresh Python process
+  (``_child``), then times them all in one more fresh process per dtype, interleaved call by
+  call (``_timing_child``; the median of ``--rounds`` calls each): a machine whose speed drifts
+  then slows them alike. This is the table in the README.
 """
 
 from __future__ import annotations
@@ -228,53 +228,69 @@ def _reset_peak() -> bool:
 
 
 def _child(spec: dict) -> dict:
-    """Runs one case in this (fresh) process: builds the inputs, then measures
+    """Memory of one implementation, in this (fresh) process: builds the inputs, then measures
 
     * ``first_peak_extra``: the resident high-water mark during the first forward+backward call
       minus the resident set before it (includes one-time costs: kernel JIT, torch.compile),
     * ``peak_extra``: the same for the second call, the high-water mark reset before it (the
-      steady-state cost of a training step),
-    * ``times``: the second call and ``reps - 1`` more forward+backward calls (gradients cleared
-      between calls, untimed).
+      steady-state cost of a training step).
     """
+    torch.set_num_threads(spec["threads"])
+    h, w, th, tw, y = make_head_inputs(*spec["shape"], DTYPES[spec["dtype"]], spec["seed"])
+    fn = impl_fn(spec["impl"])
+    first_time, first_peak, value = _step(fn, h, w, th, tw, y, memory=True)
+    second_time, peak, _ = _step(fn, h, w, th, tw, y, memory=True)
+    return {
+        "value": value,
+        "first_time_s": first_time,
+        "second_time_s": second_time,
+        "first_peak_extra_bytes": first_peak,
+        "peak_extra_bytes": peak,
+    }
+
+
+def _step(fn, h, w, th, tw, y, memory: bool = False) -> tuple[float, int, float]:
+    """One forward+backward call (gradients cleared first, untimed): its time, its peak extra
+    resident bytes (with `memory`; else 0) and the loss."""
     import gc
 
-    torch.set_num_threads(spec["threads"])
-    dtype = DTYPES[spec["dtype"]]
-    n, hdim, c = spec["shape"]
-    h, w, th, tw, y = make_head_inputs(n, hdim, c, dtype, spec["seed"])
-    fn = impl_fn(spec["impl"])
-
-    def step():
-        h.grad = None
-        w.grad = None
+    h.grad = None
+    w.grad = None
+    rss = 0
+    if memory:
         gc.collect()
         rss = _status_kib("VmRSS")
         if not _reset_peak():
             raise RuntimeError("cannot reset the resident high-water mark (/proc/self/clear_refs)")
-        t0 = time.perf_counter()
-        loss = fn(h, w, th, tw, y)
-        loss.backward()
-        elapsed = time.perf_counter() - t0
-        return elapsed, (_status_kib("VmHWM") - rss) * 1024, float(loss)
-
-    first_time, first_peak, value = step()
-    second, peak, _ = step()
-    times = [second] + [step()[0] for _ in range(spec["reps"] - 1)]
-    return {
-        "value": value,
-        "first_time_s": first_time,
-        "first_peak_extra_bytes": first_peak,
-        "peak_extra_bytes": peak,
-        "times_s": times,
-        "median_s": statistics.median(times),
-        "grad_norms": [float(h.grad.float().norm()), float(w.grad.float().norm())],
-    }
+    t0 = time.perf_counter()
+    loss = fn(h, w, th, tw, y)
+    loss.backward()
+    elapsed = time.perf_counter() - t0
+    peak = (_status_kib("VmHWM") - rss) * 1024 if memory else 0
+    return elapsed, peak, float(loss)
 
 
-def _run_child(spec: dict, timeout: float) -> dict:
+def _timing_child(spec: dict) -> dict:
+    """Times of every implementation in this one process, interleaved: one untimed call of each
+    (compiles, first-touch), then ``rounds`` rounds of one timed forward+backward call of each,
+    every other round in reverse order, so that a machine whose speed drifts affects them alike."""
+    torch.set_num_threads(spec["threads"])
+    h, w, th, tw, y = make_head_inputs(*spec["shape"], DTYPES[spec["dtype"]], spec["seed"])
+    fns = {impl: impl_fn(impl) for impl in spec["impls"]}
+    times: dict[str, list[float]] = {impl: [] for impl in fns}
+    values = {impl: _step(fn, h, w, th, tw, y)[2] for impl, fn in fns.items()}
+    norms = {impl: [float(h.grad.float().norm()), float(w.grad.float().norm())] for impl in fns}
+    order = list(fns)
+    for round_ in range(spec["rounds"]):
+        for impl in order if round_ % 2 == 0 else order[::-1]:
+            times[impl].append(_step(fns[impl], h, w, th, tw, y)[0])
+    return {"times_s": times, "values": values, "grad_norms_last": norms}
+
+
+def _run_child(spec: dict, timeout: float, timing: bool = False) -> dict:
     env = dict(os.environ, **CHILD_ENV)
-    cmd = [sys.executable, "-m", "fastkd.benchmark.linear_kd_loss", "--child", json.dumps(spec)]
+    flag = "--timing-child" if timing else "--child"
+    cmd = [sys.executable, "-m", "fastkd.benchmark.linear_kd_loss", flag, json.dumps(spec)]
     try:
         out = subprocess.run(
             cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False
@@ -341,15 +357,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["fp32", "bf16"])
     p.add_argument("--impl", nargs="+", choices=IMPLS, default=list(DEFAULT_IMPLS))
     p.add_argument(
-        "--reps", type=int, default=2, help="timed calls per case and round (default 2)"
-    )
-    p.add_argument(
         "--rounds",
         type=int,
-        default=2,
-        help="fresh processes per case, the implementations interleaved (every other round in "
-        "reverse order) so that a machine whose speed drifts affects them alike; the median "
-        "is over every round's calls, the memory the largest of the rounds (default 2)",
+        default=3,
+        help="timed calls of each implementation, interleaved in one process (default 3)",
     )
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     p.add_argument("--seed", type=int, default=0)
@@ -366,30 +377,45 @@ def _run_main(args: argparse.Namespace) -> int:
     if len(shape) != 3 or min(shape) < 1:
         args.parser.error(f"--shape must be NxHxC, got {args.shape!r}")
     impls = list(args.impl)
-    if args.reps < 1 or args.rounds < 1:
-        args.parser.error("--reps and --rounds must be >= 1")
+    if args.rounds < 1:
+        args.parser.error("--rounds must be >= 1")
     reason = liger_reason()
+    if reason:
+        skipped = [i for i in impls if i.startswith("liger")]
+        impls = [i for i in impls if not i.startswith("liger")]
     results = []
     for dtype in args.dtype:
-        runs: dict[str, list[dict]] = {impl: [] for impl in impls}
-        for round_ in range(args.rounds):
-            for impl in impls if round_ % 2 == 0 else impls[::-1]:
-                spec = {"impl": impl, "dtype": dtype, "shape": shape, "reps": args.reps,
-                        "threads": args.threads, "seed": args.seed}
-                if impl.startswith("liger") and reason:
-                    r = {"error": reason}
-                else:
-                    started = time.perf_counter()
-                    r = _run_child(spec, args.timeout)
-                    r["wall_s"] = time.perf_counter() - started
-                runs[impl].append(r)
-                msg = r.get("error") or (
-                    f"median {r['median_s']:.2f} s, peak extra {_mib(r['peak_extra_bytes'])} MiB "
-                    f"(first call {_mib(r['first_peak_extra_bytes'])} MiB), loss {r['value']:.6g}"
-                )
-                print(f"{dtype} {impl} round {round_ + 1}: {msg}", file=sys.stderr, flush=True)
+        base = {"dtype": dtype, "shape": shape, "threads": args.threads, "seed": args.seed}
+        memory = {}
         for impl in impls:
-            results.append(_combine(runs[impl], impl, dtype))
+            r = _run_child(dict(base, impl=impl), args.timeout)
+            memory[impl] = r
+            msg = r.get("error") or (
+                f"peak extra {_mib(r['peak_extra_bytes'])} MiB (first call "
+                f"{_mib(r['first_peak_extra_bytes'])} MiB), loss {r['value']:.6g}"
+            )
+            print(f"{dtype} {impl} memory: {msg}", file=sys.stderr, flush=True)
+        timing = _run_child(dict(base, impls=impls, rounds=args.rounds), args.timeout, True)
+        if "error" in timing:
+            print(f"{dtype} timing: {timing['error']}", file=sys.stderr, flush=True)
+        for impl in impls:
+            r = {"impl": impl, "dtype": dtype, "memory_run": memory[impl]}
+            if "error" in memory[impl] or "error" in timing:
+                r["error"] = memory[impl].get("error") or timing["error"]
+            else:
+                times = timing["times_s"][impl]
+                r.update(
+                    value=timing["values"][impl],
+                    times_s=times,
+                    median_s=statistics.median(times),
+                    peak_extra_bytes=memory[impl]["peak_extra_bytes"],
+                    first_peak_extra_bytes=memory[impl]["first_peak_extra_bytes"],
+                )
+                print(f"{dtype} {impl}: median {r['median_s']:.2f} s of "
+                      f"{', '.join(f'{t:.2f}' for t in times)}", file=sys.stderr, flush=True)
+            results.append(r)
+        if reason:
+            results += [{"impl": i, "dtype": dtype, "error": reason} for i in skipped]
         if args.json:
             _save(args, shape, results, environment("cpu", cache_bytes("cpu")))
     table = markdown_table(results)
@@ -399,41 +425,20 @@ def _run_main(args: argparse.Namespace) -> int:
     return 0 if all("error" not in r for r in results) else 1
 
 
-def _combine(runs: list[dict], impl: str, dtype: str) -> dict:
-    """One case's rounds as one result: the median over every round's timed calls, the largest
-    peak of any round."""
-    ok = [r for r in runs if "error" not in r]
-    if len(ok) < len(runs):
-        error = next(r for r in runs if "error" in r)["error"]
-        return {"impl": impl, "dtype": dtype, "error": error, "rounds": runs}
-    times = [t for r in ok for t in r["times_s"]]
-    return {
-        "impl": impl,
-        "dtype": dtype,
-        "value": ok[0]["value"],
-        "median_s": statistics.median(times),
-        "times_s": times,
-        "peak_extra_bytes": max(r["peak_extra_bytes"] for r in ok),
-        "first_peak_extra_bytes": max(r["first_peak_extra_bytes"] for r in ok),
-        "rounds": runs,
-    }
-
-
 def _save(args, shape, results, env) -> None:
     Path(args.json).write_text(json.dumps({
         "command": "python -m fastkd bench-head " + " ".join(sys.argv[2:]),
         "shape": {"N": shape[0], "H": shape[1], "C": shape[2]},
         "temperature": TEMPERATURE,
         "threads": args.threads,
-        "reps": args.reps,
         "rounds": args.rounds,
-        "peak_memory": "per case a fresh process (glibc MALLOC_MMAP_THRESHOLD_=65536, "
-        "FASTKD_CPU_CACHE_MB=0); peak extra = VmHWM during one forward+backward call (reset "
-        "through /proc/self/clear_refs before it) minus VmRSS before it; the second call is "
-        "reported, the first (one-time costs included) beside it",
-        "timer": "time.perf_counter around forward+backward; per round a fresh process, one "
-        "untimed call, then reps timed calls; median over all rounds (implementations "
-        "interleaved, every other round reversed)",
+        "peak_memory": "per (dtype, implementation) a fresh process (glibc "
+        "MALLOC_MMAP_THRESHOLD_=65536, FASTKD_CPU_CACHE_MB=0); peak extra = VmHWM during one "
+        "forward+backward call (reset through /proc/self/clear_refs before it) minus VmRSS before "
+        "it; the second call is reported, the first (one-time costs included) beside it",
+        "timer": "time.perf_counter around forward+backward; per dtype one fresh process runs "
+        "every implementation: one untimed call each, then `rounds` rounds of one timed call "
+        "each, interleaved, every other round in reverse order; median per implementation",
         "environment": env,
         "results": results,
     }, indent=1) + "\n")
@@ -443,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         print(json.dumps(_child(json.loads(argv[1]))))
+        return 0
+    if argv[:1] == ["--timing-child"]:
+        print(json.dumps(_timing_child(json.loads(argv[1]))))
         return 0
     p = argparse.ArgumentParser(prog="python -m fastkd bench-head")
     _add_arguments(p)
