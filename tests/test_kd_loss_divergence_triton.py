@@ -192,3 +192,17 @@ def test_largest_errors():
         w[0], w[1] = max(w[0], le), max(w[1], ge)
     for key, (le, ge) in sorted(worst.items()):
         print(f"{key}: loss {le:.2e}, grad {ge:.2e}")
+
+
+@pytest.mark.parametrize("divergence", [1, 2])
+def test_opcheck(divergence):
+    # Schema, autograd registration and fake tensors with the divergence arguments (the AOT
+    # checks need a GPU: see test_kd_loss_ops.py).
+    s, ts, y = make_inputs((6, 24), teachers=2)
+    sp = _sparse(torch.randn(6, 24), 5)
+    ids, vals, tails = sp._for_kernel(24, F32)
+    args = (s.view(2, 3, 24), [t.view(2, 3, 24) for t in ts], y, None, None, [0.5, 0.3, 0.2],
+            0.4, 2.0, 0.1, -100, True, True, [ids], [vals], [tails], divergence, 0.3)
+    torch.library.opcheck(torch.ops.fastkd.kd_loss_fwd_triton.default, args,
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
