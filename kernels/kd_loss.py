@@ -320,8 +320,6 @@ def _kd_loss_fwd_kernel(
                     cross += tl.sum(tl.where(e_s > 0.0, e_s * dv, 0.0), 0)
             e_tail = tl.where(n_tail > 0.0, tl.exp((tail - m_d) * inv_t), 0.0)
             z_d = z_ids + n_tail * e_tail
-            inv_z = tl.math.div_rn(1.0, z_d)  # fp32 `/` is the approximate div.full.f32
-            p_tail = e_tail * inv_z
             if DIVERGENCE == 0:
                 # The C - k tail classes: their s_c - m_s sum to the row's minus the ids'. A
                 # masked (-inf) student logit among the ids makes this NaN, as in the CUDA
@@ -330,6 +328,9 @@ def _kd_loss_fwd_kernel(
                 cross += tl.where(
                     e_tail > 0.0, e_tail * ((n_tail * (tail - m_d) - rest) * inv_t), 0.0
                 )
+            inv_z = tl.math.div_rn(1.0, z_d)  # fp32 `/` is the approximate div.full.f32
+            p_tail = e_tail * inv_z
+            if DIVERGENCE == 0:
                 loss += wk * temperature * (cross * inv_z + (log_zq - tl.log(z_d)))
                 c_row += wk * p_tail
             elif DIVERGENCE == 1:
