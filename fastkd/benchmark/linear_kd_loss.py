@@ -20,7 +20,8 @@ One case is ``N`` tokens of hidden size ``H`` (student and teacher alike) and ``
 Two ways to run them:
 
 * ``python -m fastkd bench --loss linear_kd_loss`` times them in-process with the rest of the
-  suite (``BENCH`` below; peers ``eager``, ``compile``, ``liger``).
+  suite (``BENCH`` below; peers ``eager``, ``compile`` and ``liger``, the last being Liger's
+  default ``compiled=True``); on CUDA it also reports the peak memory of a call.
 * ``python -m fastkd bench-head`` (``main`` below) measures the peak extra resident memory of
   one forward+backward call of every (dtype, implementation) in a fresh Python process
   (``_child``), then times them all in one more fresh process per dtype, interleaved call by
@@ -123,7 +124,8 @@ def liger_reason() -> str | None:
 
 def impl_fn(name: str):
     if name == "fastkd":
-        return fastkd_fn()
+        chunk = os.environ.get("FASTKD_BENCH_CHUNK_SIZE")
+        return fastkd_fn(chunk_size=int(chunk) if chunk else None)
     if name == "fastkd-unfused":
         return unfused
     if name == "eager":
@@ -181,7 +183,7 @@ class LinearKDLossBench(LossBench):
             elif peer == "liger":
                 reason = liger_reason()
                 out.append(
-                    Skip("liger", reason) if reason else Impl("liger", lambda: liger_fn(False))
+                    Skip("liger", reason) if reason else Impl("liger", lambda: liger_fn(True))
                 )
         return out
 
@@ -362,6 +364,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         default=3,
         help="timed calls of each implementation, interleaved in one process (default 3)",
     )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        help="fastkd's chunk_size (default: None, its own rule)",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
@@ -377,6 +384,10 @@ def _run_main(args: argparse.Namespace) -> int:
     if len(shape) != 3 or min(shape) < 1:
         args.parser.error(f"--shape must be NxHxC, got {args.shape!r}")
     impls = list(args.impl)
+    if args.chunk_size is not None:
+        if args.chunk_size < 1:
+            args.parser.error("--chunk-size must be >= 1")
+        os.environ["FASTKD_BENCH_CHUNK_SIZE"] = str(args.chunk_size)
     if args.rounds < 1:
         args.parser.error("--rounds must be >= 1")
     reason = liger_reason()
@@ -432,6 +443,7 @@ def _save(args, shape, results, env) -> None:
         "temperature": TEMPERATURE,
         "threads": args.threads,
         "rounds": args.rounds,
+        "fastkd_chunk_size": args.chunk_size,
         "peak_memory": "per (dtype, implementation) a fresh process (glibc "
         "MALLOC_MMAP_THRESHOLD_=65536, FASTKD_CPU_CACHE_MB=0); peak extra = VmHWM during one "
         "forward+backward call (reset through /proc/self/clear_refs before it) minus VmRSS before "
