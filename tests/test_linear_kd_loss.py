@@ -444,3 +444,22 @@ def test_liger_forward_kl_setting_matches():
     torch.testing.assert_close(ours / T**2, theirs, rtol=1e-5, atol=1e-6)
     for g, r in zip(got, want, strict=True):
         torch.testing.assert_close(g / T**2, r, rtol=1e-4, atol=1e-6)
+
+
+def test_bench_head_runs(tmp_path):
+    """`python -m fastkd bench-head` on a tiny case: a fresh process per case for the memory, one
+    for the interleaved times, every implementation's loss equal to fastkd's."""
+    import json
+
+    from fastkd.benchmark.linear_kd_loss import main
+
+    out = tmp_path / "head.json"
+    assert main([
+        "--shape", "64x8x50", "--dtype", "fp32", "--impl", "fastkd", "fastkd-unfused", "eager",
+        "--rounds", "2", "--threads", "1", "--json", str(out),
+    ]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["impl"] for r in results] == ["fastkd", "fastkd-unfused", "eager"]
+    for r in results:
+        assert len(r["times_s"]) == 2 and r["peak_extra_bytes"] >= 0
+        assert abs(r["value"] - results[0]["value"]) <= 1e-5 * abs(results[0]["value"])

@@ -326,12 +326,16 @@ def markdown_table(results: list[dict]) -> str:
             if "error" in r:
                 lines.append(f"| {dtype} | {r['impl']} | {r['error']} | | | | | |")
                 continue
-            speed = f"{r['median_s'] / ours['median_s']:.2f}x" if ours else ""
+            speed = (
+                f"{r['median_s'] / ours['median_s']:.2f}x" if ours and ours["median_s"] else ""
+            )
             ratio = (
-                f"{r['peak_extra_bytes'] / base['peak_extra_bytes']:.2f}" if base else ""
+                f"{r['peak_extra_bytes'] / base['peak_extra_bytes']:.2f}"
+                if base and base["peak_extra_bytes"] else ""
             )
             diff = (
-                f"{abs(r['value'] - ours['value']) / abs(ours['value']):.1e}" if ours else ""
+                f"{abs(r['value'] - ours['value']) / abs(ours['value']):.1e}"
+                if ours and ours["value"] else ""
             )
             lines.append(
                 f"| {dtype} | {r['impl']} | {r['median_s']:.2f} | {speed} | "
