@@ -7,6 +7,8 @@
 #   OUT=/tmp/out scripts/gpu_job.sh                        # the headline job (default plan)
 #   OUT=/tmp/out GPU_JOB_PLAN=sweep scripts/gpu_job.sh     # optional second call: broad sweeps,
 #                                                          # max-autotune, backend tuning tables
+#   OUT=/tmp/out GPU_JOB_PLAN=lm scripts/gpu_job.sh        # language models and the teacher
+#                                                          # store (see the lm plan below)
 #
 # The machine needs no internet: torch, triton, nvcc, pytest, pytest-benchmark, hypothesis and
 # matplotlib must be installed. Untracked files that must travel with the tree: .whl/*.whl, the
@@ -28,6 +30,13 @@
 #   normalised L1 on [64, 256, 56, 56], vs eager and compile) | report (the rest).
 # A phase that fails or times out is reported in summary.txt and the job goes on; the exit status
 # is 0 only when every phase that ran succeeded.
+#
+# The lm plan: tests-div (100 s: reverse KL and JSD on both GPU backends) | tests-head (40 s:
+# linear_kd_loss on both GPU backends) | bench-div (90 s: reverse KL and JSD(0.5) at [8192, 128256] bf16 vs
+# eager TRL and LigerJSD) | bench-div-compile (60 s: the same vs torch.compile) | bench-head (100 s:
+# linear_kd_loss at 8192 tokens, H=4096, C=128256 bf16 vs eager, compile and Liger's fused linear
+# JSD, with peak memory) | bench-store (90 s: ResNet-34 -> ResNet-18 steps, scratch / live-teacher
+# kd / kd from a teacher store, synthetic 224 px, batch 256, bf16, channels_last; store.tar).
 #
 # Output (at most 7 files, flat): summary.txt (one line per phase), gpu_job.log (machine,
 # versions, date, commit, build output, progress), tests.log, bench.json (every measurement),
@@ -107,6 +116,10 @@ if [[ $DRY == 1 ]]; then
     MAP_SHAPES=(4x32x16x16)
     COMMON=(--device cpu --quick --threads 1 --json "$JSON" --append --backend torch)
     COMPILE_PEER=eager # torch.compile on the CPU would take minutes for nothing the GPU needs
+    LM_SHAPES=(8x300)
+    HEAD_SHAPES=(16x8x300)
+    STORE_ARGS=(--device cpu --image-size 32 --batch-size 4 --images 8 --crops 1 --warmup 0
+        --steps 1 --threads 1)
 else
     KD_SHAPES=(256x1000 8192x32000 4096x131072)
     KD_ONE_SHAPE=(8192x32000)
@@ -118,6 +131,10 @@ else
     COMMON=(--device cuda --rep-ms 50 --warmup-ms 10 --json "$JSON" --append
         --backend cuda triton)
     COMPILE_PEER=compile
+    LM_SHAPES=(8192x128256)
+    HEAD_SHAPES=(8192x4096x128256)
+    STORE_ARGS=(--device cuda --image-size 224 --batch-size 256 --images 2048 --crops 2
+        --warmup 3 --steps 10 --amp bf16 --channels-last)
 fi
 
 # --- env -------------------------------------------------------------------------------------
@@ -219,6 +236,9 @@ if [[ $PLAN == headline ]]; then
     pytest_phase tests-kd 130 -m cuda tests/test_kd_loss_cuda.py
     pytest_phase tests-features 60 -m cuda tests/test_feature_regression.py \
         tests/test_channel_attention.py
+elif [[ $PLAN == lm ]]; then
+    pytest_phase tests-div 100 -m cuda tests/test_kd_loss_cuda.py -k divergence
+    pytest_phase tests-head 40 -m cuda tests/test_linear_kd_loss.py
 fi
 
 # --- benchmarks ------------------------------------------------------------------------------
@@ -232,6 +252,21 @@ if [[ $PLAN == headline ]]; then
     bench bench-features 50 --loss channel_attention feature_regression \
         --shapes "${STAGE_SHAPES[@]}" "${MAP_SHAPES[@]}" --dtype bf16 \
         --variants stages-cl mse feed --mode fwdbwd --peers eager "$COMPILE_PEER"
+elif [[ $PLAN == lm ]]; then
+    bench bench-div 90 --loss kd_loss --shapes "${LM_SHAPES[@]}" --dtype bf16 \
+        --variants reverse jsd --mode fwdbwd fwd --peers "${PEERS[@]}"
+    bench bench-div-compile 60 --loss kd_loss --shapes "${LM_SHAPES[@]}" --dtype bf16 \
+        --variants reverse jsd --mode fwdbwd --peers "$COMPILE_PEER"
+    HEAD_PEERS=("${PEERS[@]}")
+    [[ $COMPILE_PEER == compile ]] && HEAD_PEERS+=(compile)
+    bench bench-head 100 --loss linear_kd_loss --shapes "${HEAD_SHAPES[@]}" --dtype bf16 \
+        --mode fwdbwd --peers "${HEAD_PEERS[@]}"
+    STORE_OUT=/tmp/fastkd-store-bench
+    rm -rf "$STORE_OUT"
+    if phase bench-store 90 "$LOG" "$LOG" "$PY" -P bench/bench_teacher_store.py \
+        --out "$STORE_OUT" "${STORE_ARGS[@]}"; then
+        tar -C "$(dirname "$STORE_OUT")" -cf "$OUT/store.tar" "$(basename "$STORE_OUT")"
+    fi
 elif [[ $PLAN == sweep ]]; then
     bench bench-sweep 200 --loss kd_loss --shapes "${SWEEP_SHAPES[@]}" --dtype bf16 fp32 \
         --variants plain ce guided cohort3 --mode fwd fwdbwd --peers "${PEERS[@]}"
@@ -250,7 +285,7 @@ elif [[ $PLAN == sweep ]]; then
         fi
     fi
 else
-    log "GPU_JOB_PLAN must be headline or sweep, got $PLAN"
+    log "GPU_JOB_PLAN must be headline, sweep or lm, got $PLAN"
     exit 2
 fi
 

@@ -44,3 +44,25 @@ def test_dry_run_completes_every_phase(tmp_path):
     results = json.loads((out / "bench.json").read_text())
     losses = {m["loss"] for m in results["measurements"]}
     assert {"kd_loss", "channel_attention", "feature_regression"} <= losses, losses
+
+
+def test_lm_plan_dry_run_completes_every_phase(tmp_path):
+    """GPU_JOB_PLAN=lm: the divergences, the fused LM head and the teacher-store step bench."""
+    out = tmp_path / "out"
+    env = {**os.environ, "GPU_JOB_DRY_RUN": "1", "GPU_JOB_PLAN": "lm", "OUT": str(out),
+           "PYTHON": sys.executable}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    run = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    summary = (out / "summary.txt").read_text()
+    assert run.returncode == 0, summary + run.stdout[-3000:] + run.stderr[-3000:]
+    phases = dict(line.split(None, 1) for line in summary.splitlines())
+    for name in ("env", "import", "tests-div", "tests-head", "bench-div", "bench-div-compile",
+                 "bench-head", "bench-store", "report"):
+        assert phases.get(name, "").startswith("ok"), (name, summary)
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= MAX_FILES, files
+    assert "store.tar" in files, files
+    results = json.loads((out / "bench.json").read_text())
+    assert {(m["loss"], m["variant"]) for m in results["measurements"]} >= {
+        ("kd_loss", "reverse"), ("kd_loss", "jsd")}
