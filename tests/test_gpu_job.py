@@ -25,44 +25,40 @@ def test_the_budget_fits_one_command():
     assert budget <= ONE_COMMAND_S - 10, budget  # margin for the final report and tear-down
 
 
-def test_dry_run_completes_every_phase(tmp_path):
+def _dry_run(tmp_path, plan: str, phases: tuple[str, ...]) -> tuple[Path, dict]:
+    """Runs the job's plan as a dry run; checks every phase ended ok and the output folder's size;
+    returns the folder and the benchmark JSON."""
     out = tmp_path / "out"
-    env = {**os.environ, "GPU_JOB_DRY_RUN": "1", "OUT": str(out), "PYTHON": sys.executable}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    run = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
-                         timeout=600)
-    summary = (out / "summary.txt").read_text()
-    assert run.returncode == 0, summary + run.stdout[-3000:] + run.stderr[-3000:]
-    phases = dict(line.split(None, 1) for line in summary.splitlines())
-    for name in ("env", "import", "tests-kd", "tests-features", "bench-kd", "bench-kd-compile",
-                 "bench-kd-variants", "bench-features", "report"):
-        assert phases.get(name, "").startswith("ok"), (name, summary)
-    files = sorted(p.name for p in out.iterdir())
-    assert len(files) <= MAX_FILES, files
-    assert {"summary.txt", "gpu_job.log", "tests.log", "bench.json", "bench.txt",
-            "bench.png"} <= set(files), files
-    results = json.loads((out / "bench.json").read_text())
-    losses = {m["loss"] for m in results["measurements"]}
-    assert {"kd_loss", "channel_attention", "feature_regression"} <= losses, losses
-
-
-def test_lm_plan_dry_run_completes_every_phase(tmp_path):
-    """GPU_JOB_PLAN=lm: the divergences, the fused LM head and the teacher-store step bench."""
-    out = tmp_path / "out"
-    env = {**os.environ, "GPU_JOB_DRY_RUN": "1", "GPU_JOB_PLAN": "lm", "OUT": str(out),
+    env = {**os.environ, "GPU_JOB_DRY_RUN": "1", "GPU_JOB_PLAN": plan, "OUT": str(out),
            "PYTHON": sys.executable}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     run = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True,
                          timeout=600)
     summary = (out / "summary.txt").read_text()
     assert run.returncode == 0, summary + run.stdout[-3000:] + run.stderr[-3000:]
-    phases = dict(line.split(None, 1) for line in summary.splitlines())
-    for name in ("env", "import", "tests-div", "tests-head", "bench-div", "bench-div-compile",
-                 "bench-head", "bench-store", "report"):
-        assert phases.get(name, "").startswith("ok"), (name, summary)
+    ended = dict(line.split(None, 1) for line in summary.splitlines())
+    for name in ("env", "import", *phases, "report"):
+        assert ended.get(name, "").startswith("ok"), (name, summary)
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= MAX_FILES, files
-    assert "store.tar" in files, files
-    results = json.loads((out / "bench.json").read_text())
+    assert {"summary.txt", "gpu_job.log", "tests.log", "bench.json", "bench.txt",
+            "bench.png"} <= set(files), files
+    return out, json.loads((out / "bench.json").read_text())
+
+
+def test_dry_run_completes_every_phase(tmp_path):
+    _, results = _dry_run(tmp_path, "headline", (
+        "tests-kd", "tests-features", "bench-kd", "bench-kd-compile", "bench-kd-variants",
+        "bench-features"))
+    losses = {m["loss"] for m in results["measurements"]}
+    assert {"kd_loss", "channel_attention", "feature_regression"} <= losses, losses
+
+
+def test_lm_plan_dry_run_completes_every_phase(tmp_path):
+    """GPU_JOB_PLAN=lm: the divergences, the fused LM head and the teacher-store step bench."""
+    out, results = _dry_run(tmp_path, "lm", (
+        "tests-div", "tests-head", "bench-div", "bench-div-compile", "bench-head",
+        "bench-store"))
+    assert (out / "store.tar").is_file()
     assert {(m["loss"], m["variant"]) for m in results["measurements"]} >= {
         ("kd_loss", "reverse"), ("kd_loss", "jsd")}
