@@ -2,7 +2,8 @@
 
 ``fastkd.kd_loss`` (and ``fastkd.nn.KDLoss``) computes temperature-scaled KD -- with hard-label CE,
 guided KD and teacher cohorts -- in one pass over the logits, on C++ CPU, CUDA and Triton kernels;
-a teacher may be given by its top-k classes only (``fastkd.SparseTeacher``).
+a teacher may be given by its top-k classes only (``fastkd.SparseTeacher``), and the KL may be
+replaced by reverse KL or the generalised Jensen-Shannon divergence (``divergence=``).
 ``fastkd.linear_kd_loss`` (``fastkd.nn.LinearKDLoss``) fuses a language model's output head with it:
 neither the student's nor the teacher's ``[N, C]`` logits are stored (``fastkd.LinearTeacher``).
 ``fastkd.channel_attention_loss`` (``fastkd.nn.ChannelAttentionLoss``) is Channel Distillation's
