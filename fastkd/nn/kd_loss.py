@@ -79,21 +79,29 @@ class KDLoss(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
-        parts = [f"temperature={self.temperature}"]
-        if self.alpha is not None:
-            parts.append(f"alpha={self.alpha}")
-        if self.label_smoothing:
-            parts.append(f"label_smoothing={self.label_smoothing}")
-        if self.guided:
-            parts.append("guided=True")
+        cohort = ["guided=True"] if self.guided else []
         if self.teacher_weights is not None:
-            parts.append(f"teacher_weights={self.teacher_weights}")
-        if self.reduction != "batchmean":
-            parts.append(f"reduction={self.reduction!r}")
-        if self.divergence != "forward_kl":
-            parts.append(f"divergence={self.divergence!r}")
-        if self.divergence == "jsd":
-            parts.append(f"beta={self.beta}")
+            cohort.append(f"teacher_weights={self.teacher_weights}")
+        parts = kd_option_parts(self, cohort)
         if self.backend != "auto":
             parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
+
+
+def kd_option_parts(loss: torch.nn.Module, middle: Sequence[str] = ()) -> list[str]:
+    """The ``extra_repr`` parts of the kd_loss options every KD module holds (temperature, alpha,
+    label_smoothing, reduction, divergence, beta) that differ from their defaults, in kd_loss's
+    argument order, with a module's own `middle` parts after label_smoothing."""
+    parts = [f"temperature={loss.temperature}"]
+    if loss.alpha is not None:
+        parts.append(f"alpha={loss.alpha}")
+    if loss.label_smoothing:
+        parts.append(f"label_smoothing={loss.label_smoothing}")
+    parts.extend(middle)
+    if loss.reduction != "batchmean":
+        parts.append(f"reduction={loss.reduction!r}")
+    if loss.divergence != "forward_kl":
+        parts.append(f"divergence={loss.divergence!r}")
+    if loss.divergence == "jsd":
+        parts.append(f"beta={loss.beta}")
+    return parts

@@ -8,6 +8,7 @@ from ..functional.kd_loss import _check_options
 from ..functional.linear_kd_loss import _check_chunk_size, _linear_kd_loss
 from ..linear_teacher import LinearTeacher
 from ..sparse import SparseTeacher
+from .kd_loss import kd_option_parts
 
 
 class LinearKDLoss(torch.nn.Module):
@@ -88,17 +89,7 @@ class LinearKDLoss(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
-        parts = [f"temperature={self.temperature}"]
-        if self.alpha is not None:
-            parts.append(f"alpha={self.alpha}")
-        if self.label_smoothing:
-            parts.append(f"label_smoothing={self.label_smoothing}")
-        if self.reduction != "batchmean":
-            parts.append(f"reduction={self.reduction!r}")
-        if self.divergence != "forward_kl":
-            parts.append(f"divergence={self.divergence!r}")
-        if self.divergence == "jsd":
-            parts.append(f"beta={self.beta}")
+        parts = kd_option_parts(self)
         if self.chunk_size is not None:
             parts.append(f"chunk_size={self.chunk_size}")
         if self.backend != "auto":
