@@ -150,3 +150,16 @@ def test_cuda_kernels_fit_their_launch_bounds_without_spilling(tmp_path):
     out = DOC if os.environ.get("FASTKD_WRITE_RESOURCES") == "1" else tmp_path / DOC.name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
+
+
+def test_split_kernel_keeps_several_rows_per_sm():
+    """The KD split kernel is launched for kSplitBlocksPerSM CTAs (rows, or slices of rows) per SM
+    (its __launch_bounds__): its registers, allocated in steps of 8 per thread, must allow it."""
+    header = Path(__file__).resolve().parent.parent / "csrc" / "cuda" / "kd_loss_kernels.cuh"
+    per_sm = int(re.search(r"constexpr int kSplitBlocksPerSM = (\d+);", header.read_text())[1])
+    rows = [r for r in kernel_resources() if _family(r["kernel"]) == "kd_cuda::kd_loss_split_kernel"]
+    assert rows, "the extension has no kd_loss_split_kernel"
+    short = [f"{r['arch']} {r['kernel']}: {r['registers']} registers"
+             for r in rows
+             if -(-r["registers"] // 8) * 8 * r["max_threads"] * per_sm > REGISTERS_PER_SM]
+    assert not short, f"fewer than {per_sm} blocks per SM:\n" + "\n".join(short)

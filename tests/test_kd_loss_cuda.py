@@ -624,6 +624,25 @@ def test_cuda_graph_capture_and_replay(backend, classes, reduction):
         assert torch.equal(static_s.grad, grad)
 
 
+# Shapes for the CUDA split kernel (forward KL, dense teachers, C > 8192) that make its launch plan
+# (csrc/cuda/kd_loss_kernels.cuh, plan_split) pick each cluster size on an H100/H200 (132 SMs,
+# 50 MiB L2) in bf16 with one teacher: rows that fill the GPU and fit the L2 (1 CTA per row), rows
+# that need 2, 4 and 8 CTAs to fit it, few rows (8 CTAs to fill the SMs), and an odd C (one element
+# per access, uneven slices).
+SPLIT_SHAPES = [(300, 8200), (300, 20000), (300, 40000), (300, 131072), (3, 262144), (5, 65537)]
+
+
+@pytest.mark.parametrize("rows,classes", SPLIT_SHAPES, ids=str)
+@pytest.mark.parametrize("k", (1, 3))
+def test_split_rows_match_reference(backend, rows, classes, k):
+    s, ts = _logits(rows, classes, torch.bfloat16, seed=classes + k, k=k)
+    y = _labels(rows, classes, seed=classes, ignore_every=7)
+    _check(backend, s, ts, y, alpha=0.5, temperature=2.0, label_smoothing=0.1)
+    first = _loss_and_grad(backend, s, ts, y, alpha=0.5, temperature=2.0)
+    again = _loss_and_grad(backend, s, ts, y, alpha=0.5, temperature=2.0)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
 @pytest.mark.parametrize("classes", (100, 4097, 32000, 262144))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 def test_bitwise_deterministic(backend, dtype, classes):

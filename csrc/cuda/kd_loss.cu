@@ -2,6 +2,7 @@
 // documents the math, the two kernels and their numerics): checks, device guard, stream, dtype
 // dispatch, and a checked launch.
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -14,18 +15,33 @@
 namespace fastkd {
 namespace {
 
+// The launch plan's view of the current GPU. Clusters need the extension's sm_90 code: a newer
+// GPU that JIT-compiles its compute_80 PTX runs kernels without them.
+kd_cuda::DeviceShape device_shape() {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  kd_cuda::DeviceShape d;
+  d.sms = prop->multiProcessorCount;
+  d.l2_bytes = prop->l2CacheSize;
+  if (prop->major >= 9) {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kd_cuda::kd_loss_split_kernel<float, float, 4>));
+    d.clusters = attr.ptxVersion >= 90;
+  }
+  return d;
+}
+
 template <typename S>
 void launch_for_teacher(const KDLossArgs& a, int64_t outer, at::ScalarType teacher_dtype,
-                        cudaStream_t stream) {
+                        const kd_cuda::DeviceShape& d, cudaStream_t stream) {
   switch (teacher_dtype) {
     case at::kFloat:
-      C10_CUDA_CHECK((kd_cuda::launch_for_layout<S, float>(a, outer, stream)));
+      C10_CUDA_CHECK((kd_cuda::launch_for_layout<S, float>(a, outer, d, stream)));
       return;
     case at::kBFloat16:
-      C10_CUDA_CHECK((kd_cuda::launch_for_layout<S, c10::BFloat16>(a, outer, stream)));
+      C10_CUDA_CHECK((kd_cuda::launch_for_layout<S, c10::BFloat16>(a, outer, d, stream)));
       return;
     case at::kHalf:
-      C10_CUDA_CHECK((kd_cuda::launch_for_layout<S, c10::Half>(a, outer, stream)));
+      C10_CUDA_CHECK((kd_cuda::launch_for_layout<S, c10::Half>(a, outer, d, stream)));
       return;
     default:
       TORCH_CHECK(false, "fastkd: unsupported teacher dtype ", teacher_dtype, " on CUDA");
@@ -61,19 +77,20 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
   TORCH_CHECK(a.cols <= (int64_t{1} << 30), "fastkd: the CUDA kernel takes at most 2^30 classes, "
               "got ", a.cols);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const kd_cuda::DeviceShape device = device_shape();
   const int64_t outer = student.size(0);
   // With sparse teachers alone there is no dense teacher row to read: any teacher type will do.
   const at::ScalarType teacher_dtype =
       teachers.empty() ? student.scalar_type() : teachers[0].scalar_type();
   switch (student.scalar_type()) {
     case at::kFloat:
-      launch_for_teacher<float>(a, outer, teacher_dtype, stream);
+      launch_for_teacher<float>(a, outer, teacher_dtype, device, stream);
       break;
     case at::kBFloat16:
-      launch_for_teacher<c10::BFloat16>(a, outer, teacher_dtype, stream);
+      launch_for_teacher<c10::BFloat16>(a, outer, teacher_dtype, device, stream);
       break;
     case at::kHalf:
-      launch_for_teacher<c10::Half>(a, outer, teacher_dtype, stream);
+      launch_for_teacher<c10::Half>(a, outer, teacher_dtype, device, stream);
       break;
     default:
       TORCH_CHECK(false, "fastkd: unsupported student dtype ", student.scalar_type(), " on CUDA");

@@ -18,14 +18,19 @@
 // runs on the CPU backend.
 //
 // The loss is memory-bound: the student and each teacher are read once from DRAM and the gradient
-// written once, all math in float32. Two kernels, chosen by C on the host:
+// written once, all math in float32. Three kernels, chosen on the host (plan_launch):
 //  * resident (C <= kResidentMaxCols): a row lives in registers. A warp holds a row of up to
 //    32 * kResidentElems classes (several rows per block); wider rows take a block of up to
 //    kResidentMaxThreads threads. With the whole row at hand the statistics are exact two-pass
 //    ones (max first, then the sums), as on the CPU.
-//  * streaming (wider rows): one block per row. Sweep 1 runs an online softmax over the student
-//    and the first teacher with a nonzero weight together, later teachers get one sweep each; the
-//    gradient sweep then re-reads the row, from L2 while the rows in flight (one per block) fit.
+//  * split (wider rows, forward KL, dense teachers only): a row is cut into slices, one per CTA of
+//    a thread-block cluster (sm_90; a CTA per row elsewhere). One sweep gathers the online softmax
+//    statistics of the student and every teacher, the cluster combines them, and a second sweep
+//    writes the gradient, from L2: the host sizes the cluster so that the rows in flight fit.
+//  * streaming (wider rows with sparse teachers): one block per row. Sweep 1 runs an online
+//    softmax over the student and the first teacher with a nonzero weight together, later
+//    teachers get one sweep each; the gradient sweep then re-reads the row, from L2 while the rows
+//    in flight (one per block) fit.
 // Rows are addressed with 64-bit offsets. 16-byte vector accesses are used when every row start is
 // 16-byte aligned and C is a multiple of the vector width (checked on the host); otherwise the
 // same kernels run with one element per access.
@@ -94,6 +99,15 @@ constexpr int kStreamElems = 16;
 static_assert(kStreamThreads % 32 == 0 && kStreamThreads >= 64 && kStreamThreads <= 1024,
               "the streaming kernel needs whole warps, at least two of them");
 static_assert(kStreamElems % 8 == 0, "a step is a whole number of 16-byte vectors");
+// The split kernel (forward KL, dense teachers, wide rows): threads per CTA and the CTAs per SM
+// its registers are budgeted for (65536 / (256 * 2) = 128 per thread), so that two rows' slices
+// or more are in flight on every SM; at most kMaxSplit CTAs (a portable cluster) share a row, and
+// each takes at least one step (kSplitThreads * kStreamElems classes) of it.
+constexpr int kSplitThreads = 256;
+constexpr int kSplitBlocksPerSM = 2;
+constexpr int kMaxSplit = 8;
+constexpr int kSplitMinSlice = kSplitThreads * kStreamElems;
+static_assert(kSplitThreads % 32 == 0 && kSplitThreads >= 64, "whole warps, at least two");
 // Grid size at most; the kernels loop over rows beyond it.
 constexpr int64_t kMaxBlocks = std::numeric_limits<int32_t>::max();
 
@@ -984,16 +998,68 @@ __device__ __forceinline__ float max_of(const float (&x)[U][VEC]) {
   return m;
 }
 
-template <int U, int VEC, typename T>
+template <int THREADS = kStreamThreads, int U, int VEC, typename T>
 __device__ __forceinline__ void load_step(const T* row, int base, int nvec, float (&x)[U][VEC]) {
   const T* p = row + static_cast<int64_t>(base) * VEC;
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    if (base + u * kStreamThreads < nvec) {
-      load_as<VEC>(p + u * kStreamThreads * VEC, x[u]);
+    if (base + u * THREADS < nvec) {
+      load_as<VEC>(p + u * THREADS * VEC, x[u]);
     } else {
 #pragma unroll
       for (int e = 0; e < VEC; ++e) x[u][e] = neg_inf();
+    }
+  }
+}
+
+// One step of a sweep (the vectors `base + u * THREADS` of the row, as load_step) into the
+// student's running sums.
+template <int THREADS, int U, int VEC>
+__device__ __forceinline__ void student_step(const float (&xs)[U][VEC], int base, int nvec,
+                                             float inv_T, bool need_e1, bool need_sum,
+                                             bool need_rel, StudentRun& sr) {
+  const float m_new = fmaxf(sr.m, max_of(xs));
+  const float ref = finite_or_zero(m_new);
+  sr.z *= rescale(sr.m, m_new, inv_T);
+  if (need_e1) sr.z1 *= rescale(sr.m, m_new, 1.0f);
+  if (need_rel) sr.rel += sr.n * (finite_or_zero(sr.m) - ref);
+  sr.m = m_new;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const bool valid = base + u * THREADS < nvec;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float x = xs[u][e];
+      sr.z += __expf((x - ref) * inv_T);
+      if (need_e1) sr.z1 += __expf(x - ref);
+      if (need_sum && valid) sr.sum += x;
+      if (need_rel && valid) {
+        sr.rel += x - ref;
+        sr.n += 1.0f;
+      }
+    }
+  }
+}
+
+// The same step into a teacher's running sums and cross term (xs: the student's step).
+template <int U, int VEC>
+__device__ __forceinline__ void teacher_step(const float (&xt)[U][VEC], const float (&xs)[U][VEC],
+                                             float inv_T, TeacherRun& tr) {
+  const float m_new = fmaxf(tr.m, max_of(xt));
+  const float ref = finite_or_zero(m_new);
+  const float f = rescale(tr.m, m_new, inv_T);
+  tr.z *= f;
+  // A cross term whose weights all underflow to 0 is 0, even if it was inf.
+  tr.cross = f > 0.0f ? tr.cross * f : 0.0f;
+  tr.m = m_new;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float x = xt[u][e];
+      const float ex = __expf((x - ref) * inv_T);
+      tr.z += ex;
+      tr.cross += ex > 0.0f ? ex * ((x - xs[u][e]) * inv_T) : 0.0f;
     }
   }
 }
@@ -1010,46 +1076,60 @@ __device__ void stream_stats(const S* s_row, const Tt* t_row, bool student, bool
     load_step(s_row, base, nvec, xs);
     if (t_row != nullptr) load_step(t_row, base, nvec, xt);
     if (student) {
-      const float m_new = fmaxf(sr.m, max_of(xs));
-      const float ref = finite_or_zero(m_new);
-      sr.z *= rescale(sr.m, m_new, inv_T);
-      if (need_e1) sr.z1 *= rescale(sr.m, m_new, 1.0f);
-      if (need_rel) sr.rel += sr.n * (finite_or_zero(sr.m) - ref);
-      sr.m = m_new;
+      student_step<kStreamThreads>(xs, base, nvec, inv_T, need_e1, need_sum, need_rel, sr);
+    }
+    if (t_row != nullptr) teacher_step(xt, xs, inv_T, tr);
+  }
+}
+
+// Zeros over nvec vectors of a gradient row (a row whose weights are all 0).
+template <int THREADS, int VEC, typename S>
+__device__ void store_zeros(S* g, int nvec) {
+  const float zero[VEC] = {};
+  for (int i = threadIdx.x; i < nvec; i += THREADS) {
+    store_as<VEC>(g + static_cast<int64_t>(i) * VEC, zero);
+  }
+}
+
+// The gradient sweep of the forward-KL streaming kernels over nvec vectors (a row, or a slice of
+// one): q and the CE term from the student s, minus w_k p_k for every active teacher k from
+// t_ptr[k] (same range), with c.t_coef / c.t_ref in shared memory; c.y is the label's column
+// relative to s.
+template <int THREADS, int U, int VEC, typename S, typename Tt>
+__device__ void gradient_sweep(const S* s, const Tt* const* t_ptr, S* g, int nvec, float inv_T,
+                               const SweepCoefs& c) {
+  for (int base = threadIdx.x; base < nvec; base += U * THREADS) {
+    float xs[U][VEC];
+    float out[U][VEC];
+    load_step<THREADS>(s, base, nvec, xs);
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const bool valid = base + u * kStreamThreads < nvec;
+    for (int u = 0; u < U; ++u) {
+      const int col = (base + u * THREADS) * VEC;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          const float x = xs[u][e];
-          sr.z += __expf((x - ref) * inv_T);
-          if (need_e1) sr.z1 += __expf(x - ref);
-          if (need_sum && valid) sr.sum += x;
-          if (need_rel && valid) {
-            sr.rel += x - ref;
-            sr.n += 1.0f;
-          }
-        }
+      for (int e = 0; e < VEC; ++e) {
+        const float x = xs[u][e];
+        float o = __expf((x - c.m_s) * inv_T) * c.c_q - c.c_off;
+        if (c.use_e1) o += __expf(x - c.m_s) * c.c_1;
+        if (col + e == c.y) o -= c.c_y;
+        out[u][e] = o;
       }
     }
-    if (t_row != nullptr) {
-      const float m_new = fmaxf(tr.m, max_of(xt));
-      const float ref = finite_or_zero(m_new);
-      const float f = rescale(tr.m, m_new, inv_T);
-      tr.z *= f;
-      // A cross term whose weights all underflow to 0 is 0, even if it was inf.
-      tr.cross = f > 0.0f ? tr.cross * f : 0.0f;
-      tr.m = m_new;
+    for (unsigned tb = c.active; tb != 0; tb &= tb - 1) {
+      const int k = __ffs(tb) - 1;
+      const float coef = c.t_coef[k];
+      const float ref = c.t_ref[k];
+      float xt[U][VEC];
+      load_step<THREADS>(t_ptr[k], base, nvec, xt);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          const float x = xt[u][e];
-          const float ex = __expf((x - ref) * inv_T);
-          tr.z += ex;
-          tr.cross += ex > 0.0f ? ex * ((x - xs[u][e]) * inv_T) : 0.0f;
-        }
+        for (int e = 0; e < VEC; ++e) out[u][e] -= coef * __expf((xt[u][e] - ref) * inv_T);
       }
+    }
+    S* gp = g + static_cast<int64_t>(base) * VEC;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (base + u * THREADS < nvec) store_as<VEC>(gp + u * THREADS * VEC, out[u]);
     }
   }
 }
@@ -1081,12 +1161,7 @@ __global__ void __launch_bounds__(kStreamThreads)
     S* g_row = a.grad != nullptr ? static_cast<S*>(a.grad) + row * a.cols : nullptr;
 
     if (p.skip()) {
-      if (g_row != nullptr) {
-        const float zero[VEC] = {};
-        for (int i = threadIdx.x; i < nvec; i += kStreamThreads) {
-          store_as<VEC>(g_row + static_cast<int64_t>(i) * VEC, zero);
-        }
-      }
+      if (g_row != nullptr) store_zeros<kStreamThreads, VEC>(g_row, nvec);
       if (threadIdx.x == 0) row_loss[row] = 0.0f;
       continue;
     }
@@ -1182,43 +1257,10 @@ __global__ void __launch_bounds__(kStreamThreads)
       const float c_1 = use_e1 ? p.v_g / z_1 : 0.0f;
       const float c_off = p.v_g * eps / static_cast<float>(C) + c_tail;
       const float c_y = p.v_g * (1.0f - eps);
-      for (int base = threadIdx.x; base < nvec; base += U * kStreamThreads) {
-        float xs[U][VEC];
-        float out[U][VEC];
-        load_step(s_row, base, nvec, xs);
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int col = (base + u * kStreamThreads) * VEC;
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            const float x = xs[u][e];
-            float o = __expf((x - m_s) * inv_T) * c_q - c_off;
-            if (use_e1) o += __expf(x - m_s) * c_1;
-            if (col + e == p.y) o -= c_y;
-            out[u][e] = o;
-          }
-        }
-        for (unsigned tb = p.active; tb != 0; tb &= tb - 1) {
-          const int k = __ffs(tb) - 1;
-          const float coef = t_coef[k];
-          const float ref = t_ref[k];
-          float xt[U][VEC];
-          load_step(t_ptr[k], base, nvec, xt);
-#pragma unroll
-          for (int u = 0; u < U; ++u) {
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) out[u][e] -= coef * __expf((xt[u][e] - ref) * inv_T);
-          }
-        }
-        S* g = g_row + static_cast<int64_t>(base) * VEC;
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          if (base + u * kStreamThreads < nvec) store_as<VEC>(g + u * kStreamThreads * VEC, out[u]);
-        }
-      }
+      const SweepCoefs sweep{m_s, c_q, c_off, c_1, c_y, p.y, use_e1, p.active, t_coef, t_ref};
+      gradient_sweep<kStreamThreads, U, VEC>(s_row, t_ptr, g_row, nvec, inv_T, sweep);
       // The sparse teachers' ids, one teacher at a time (their ids may overlap), after the row's
       // stores. The next row's first writes to sparse_rows come after its reductions' barriers.
-      const SweepCoefs sweep{m_s, c_q, c_off, c_1, c_y, p.y, use_e1, p.active, t_coef, t_ref};
       for (unsigned sb = p.sparse; sb != 0; sb &= sb - 1) {
         __syncthreads();
         const int j = __ffs(sb) - 1;
@@ -1227,6 +1269,246 @@ __global__ void __launch_bounds__(kStreamThreads)
       }
     }
   }
+}
+
+// ---- Split kernel: forward KL with dense teachers on wide rows, a row shared by a cluster -------
+//
+// A row is cut into `split` slices of whole vectors, one per CTA of a cluster of `split` CTAs
+// (thread-block clusters, sm_90; split = 1 elsewhere, a CTA per row). Each CTA sweeps its slice
+// once for the running statistics of the student and of every active teacher together, so that
+// the student is loaded once per sweep whatever the number of teachers. The CTAs' statistics are
+// combined through distributed shared memory, and each CTA sweeps its slice again for the
+// gradient. The host picks `split` (plan_split) so that the slices of all the rows in flight fit
+// in half the L2: the second sweep then reads from L2, and each input byte comes from DRAM once.
+// Two or more 256-thread CTAs fit on an SM (the launch bounds cap the registers at 128), so
+// several rows are in flight per SM either way.
+
+// Per CTA and row: the maxima of the student and of each teacher, then the sums relative to them
+// (z_s, z_1, sum_s, each teacher's z, then each teacher's cross term).
+constexpr int kSplitMaxima = 1 + kMaxTeachers;
+constexpr int kSplitSums = 3 + 2 * kMaxTeachers;
+constexpr int kSplitValues = kSplitMaxima + kSplitSums;
+static_assert(kSplitValues <= kSplitThreads, "one thread combines each value");
+
+// Cluster plumbing: a CTA posts its values in its own shared memory, the cluster synchronises
+// (barrier.cluster with release / acquire semantics, which is also a CTA barrier), and any CTA then
+// reads a peer's posted values through distributed shared memory (mapa + ld.shared::cluster).
+// Two buffers are used in turn: a buffer is posted again two exchanges later, after a cluster
+// barrier that every reader of its previous contents reached only once done reading. A check that
+// runs these kernels without clusters defines FASTKD_CLUSTER_EXCHANGE as the name of a header with
+// its own class of the same members.
+#ifdef FASTKD_CLUSTER_EXCHANGE
+#include FASTKD_CLUSTER_EXCHANGE
+#else
+class ClusterExchange {
+ public:
+  __device__ explicit ClusterExchange(float (*buf)[kSplitValues]) : buf_(buf) {}
+  __device__ void post(int i, float v) { buf_[parity_][i] = v; }
+  __device__ void sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n"
+                 "barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+    __trap();  // the host launches split > 1 only where clusters exist
+#endif
+  }
+  __device__ float peer(unsigned rank, int i) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const auto local = static_cast<unsigned>(__cvta_generic_to_shared(&buf_[parity_][i]));
+    unsigned remote;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+#else
+    __trap();
+    return 0.0f;
+#endif
+  }
+  __device__ void next() { parity_ ^= 1; }
+
+ private:
+  float (*buf_)[kSplitValues];
+  int parity_ = 0;
+};
+#endif
+
+// The CTAs' posted values of a row combined into `out` (kSplitValues floats in shared memory), in
+// rank order, one thread per value: maxima as they are, sums moved to the row's maxima (as the
+// block moves every thread's). Every CTA computes the same bits.
+__device__ __forceinline__ void combine_cluster(const ClusterExchange& ex, int split, float inv_T,
+                                                float* out) {
+  const int l = static_cast<int>(threadIdx.x);
+  if (l >= kSplitValues) return;
+  if (l < kSplitMaxima) {
+    float m = neg_inf();
+    for (int r = 0; r < split; ++r) m = fmaxf(m, ex.peer(r, l));
+    out[l] = m;
+    return;
+  }
+  const int i = l - kSplitMaxima;
+  // The maximum this sum is relative to (none for sum_s, a plain sum) and its scale.
+  const int mi = i < 2 ? 0 : i == 2 ? -1 : 1 + (i - 3) % kMaxTeachers;
+  const float scale = i == 1 ? 1.0f : inv_T;
+  const bool cross = i >= 3 + kMaxTeachers;
+  float m_row = neg_inf();
+  if (mi >= 0) {
+    for (int r = 0; r < split; ++r) m_row = fmaxf(m_row, ex.peer(r, mi));
+  }
+  float sum = 0.0f;
+  for (int r = 0; r < split; ++r) {
+    float v = ex.peer(r, l);
+    if (mi >= 0) {
+      const float f = rescale(ex.peer(r, mi), m_row, scale);
+      v = cross && !(f > 0.0f) ? 0.0f : v * f;
+    }
+    sum += v;
+  }
+  out[l] = sum;
+}
+
+template <typename S, typename Tt, int VEC>
+__global__ void __launch_bounds__(kSplitThreads, kSplitBlocksPerSM)
+    kd_loss_split_kernel(const __grid_constant__ KDLossArgs a, int split) {
+  constexpr int U = kStreamElems / VEC;
+  using Group = RowGroup<kSplitThreads / 32, kSplitSums>;
+  __shared__ float smem[Group::kSmemFloats];
+  __shared__ float posted[2][kSplitValues];
+  __shared__ float row_stats[kSplitValues];
+  // Per active teacher, for the gradient sweep: w_k / z_k, the max of t_k, its slice.
+  __shared__ float t_coef[kMaxTeachers];
+  __shared__ float t_ref[kMaxTeachers];
+  __shared__ const Tt* t_ptr[kMaxTeachers];
+  Group group(kSplitThreads, smem);
+  ClusterExchange ex(posted);
+
+  const int C = static_cast<int>(a.cols);
+  const int nvec = C / VEC;
+  // A 1-D grid with clusters of `split` CTAs: a cluster is `split` consecutive blocks.
+  const int rank = static_cast<int>(blockIdx.x % split);
+  const int v0 = static_cast<int>(static_cast<int64_t>(nvec) * rank / split);
+  const int nv = static_cast<int>(static_cast<int64_t>(nvec) * (rank + 1) / split) - v0;
+  const int64_t c0 = static_cast<int64_t>(v0) * VEC;  // the slice's first class
+  const float T = static_cast<float>(a.temperature);
+  const float inv_T = 1.0f / T;
+  const bool unit_T = a.temperature == 1.0;
+  const float eps = static_cast<float>(a.label_smoothing);
+  auto* row_loss = static_cast<float*>(a.row_loss);
+  const bool writes_loss = rank == 0 && threadIdx.x == 0;
+
+  for (int64_t row = blockIdx.x / split; row < a.rows; row += gridDim.x / split) {
+    const RowPlan p = plan_row(a, row);
+    S* g_row = a.grad != nullptr ? static_cast<S*>(a.grad) + row * a.cols + c0 : nullptr;
+    // Every CTA of the cluster takes the same branches: p is the row's.
+    if (p.skip()) {
+      if (g_row != nullptr) store_zeros<kSplitThreads, VEC>(g_row, nv);
+      if (writes_loss) row_loss[row] = 0.0f;
+      continue;
+    }
+
+    const S* s_row = student_row<S>(a, row);
+    const bool need_e1 = p.v != 0.0f && !unit_T;
+    const bool need_sum = p.v != 0.0f && eps != 0.0f;
+    StudentRun sr{neg_inf(), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    TeacherRun tr[kMaxTeachers];
+#pragma unroll
+    for (int k = 0; k < kMaxTeachers; ++k) tr[k] = {neg_inf(), 0.0f, 0.0f};
+    for (int base = threadIdx.x; base < nv; base += U * kSplitThreads) {
+      float xs[U][VEC];
+      load_step<kSplitThreads>(s_row + c0, base, nv, xs);
+      student_step<kSplitThreads>(xs, base, nv, inv_T, need_e1, need_sum, false, sr);
+#pragma unroll
+      for (int k = 0; k < kMaxTeachers; ++k) {
+        if ((p.active >> k) & 1u) {
+          float xt[U][VEC];
+          load_step<kSplitThreads>(teacher_row<Tt>(a, k, row) + c0, base, nv, xt);
+          teacher_step(xt, xs, inv_T, tr[k]);
+        }
+      }
+    }
+
+    // The CTA's statistics: every thread's sums moved to the CTA's maxima, then added up.
+    float mx[kSplitMaxima];
+    mx[0] = sr.m;
+#pragma unroll
+    for (int k = 0; k < kMaxTeachers; ++k) mx[1 + k] = tr[k].m;
+    group.max(mx);
+    float sums[kSplitSums];
+    sums[0] = sr.z * rescale(sr.m, mx[0], inv_T);
+    sums[1] = sr.z1 * rescale(sr.m, mx[0], 1.0f);
+    sums[2] = sr.sum;
+#pragma unroll
+    for (int k = 0; k < kMaxTeachers; ++k) {
+      const float f = rescale(tr[k].m, mx[1 + k], inv_T);
+      sums[3 + k] = tr[k].z * f;
+      sums[3 + kMaxTeachers + k] = f > 0.0f ? tr[k].cross * f : 0.0f;
+    }
+    group.sum(sums);
+    // The row's statistics: the cluster's CTAs combined, or this CTA's when it holds the row.
+    if (split > 1) {
+      if (threadIdx.x == 0) {
+#pragma unroll
+        for (int i = 0; i < kSplitMaxima; ++i) ex.post(i, mx[i]);
+#pragma unroll
+        for (int i = 0; i < kSplitSums; ++i) ex.post(kSplitMaxima + i, sums[i]);
+      }
+      ex.sync();
+      combine_cluster(ex, split, inv_T, row_stats);
+      ex.next();
+      __syncthreads();
+#pragma unroll
+      for (int i = 0; i < kSplitMaxima; ++i) mx[i] = row_stats[i];
+#pragma unroll
+      for (int i = 0; i < kSplitSums; ++i) sums[i] = row_stats[kSplitMaxima + i];
+    }
+    const float m_s = finite_or_zero(mx[0]);
+    const float z_s = sums[0];
+    const float z_1 = sums[1];
+
+    if (writes_loss) {
+      // Unrolled over all teachers, so that mx and sums stay in registers (static indices).
+      float loss = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kMaxTeachers; ++k) {
+        if ((p.active >> k) & 1u) {
+          const float z_t = sums[3 + k];
+          loss += teacher_weight(a, k, row) * T *
+                  (sums[3 + kMaxTeachers + k] / z_t +
+                   lse_diff(m_s, __logf(z_s), finite_or_zero(mx[1 + k]), __logf(z_t), inv_T));
+        }
+      }
+      if (p.v != 0.0f) {
+        loss = p.bad_label() ? quiet_nan()
+                             : loss + p.v * cross_entropy(m_s, __logf(unit_T ? z_s : z_1),
+                                                          static_cast<float>(s_row[p.y]),
+                                                          sums[2], eps, C);
+      }
+      row_loss[row] = loss;
+    }
+
+    if (g_row != nullptr) {
+      if (threadIdx.x == 0) {
+#pragma unroll
+        for (int k = 0; k < kMaxTeachers; ++k) {
+          if ((p.active >> k) & 1u) {
+            t_coef[k] = teacher_weight(a, k, row) / sums[3 + k];
+            t_ref[k] = finite_or_zero(mx[1 + k]);
+            t_ptr[k] = teacher_row<Tt>(a, k, row) + c0;
+          }
+        }
+      }
+      __syncthreads();  // t_coef / t_ref / t_ptr of this row are visible to every thread
+      const bool use_e1 = p.v_g != 0.0f && !unit_T;
+      const float c_q = p.w_sum / z_s + (p.v_g != 0.0f && unit_T ? p.v_g / z_s : 0.0f);
+      const float c_1 = use_e1 ? p.v_g / z_1 : 0.0f;
+      const float c_off = p.v_g * eps / static_cast<float>(C);
+      const float c_y = p.v_g * (1.0f - eps);
+      const SweepCoefs sweep{m_s, c_q, c_off, c_1, c_y, p.y - c0, use_e1, p.active, t_coef, t_ref};
+      gradient_sweep<kSplitThreads, U, VEC>(s_row + c0, t_ptr, g_row, nv, inv_T, sweep);
+    }
+  }
+  // No CTA leaves while a peer may still read its posted values.
+  if (split > 1) ex.sync();
 }
 
 // Reverse KL and JSD on wide rows (see above), one element per access: a sweep for the student's
@@ -1513,14 +1795,45 @@ __global__ void __launch_bounds__(kStreamThreads)
 
 // ---- Launch plan (torch-free, so that a launcher and a check outside torch share it) -----------
 
-struct LaunchPlan {
-  bool resident;        // resident kernel (else streaming)
-  int threads_per_row;  // resident: 32 .. kResidentMaxThreads; streaming: kStreamThreads
-  unsigned blocks;
-  unsigned threads;     // per block
+// What the plan needs to know of the GPU.
+struct DeviceShape {
+  int sms = 1;            // streaming multiprocessors
+  int64_t l2_bytes = 0;   // L2 cache
+  bool clusters = false;  // thread-block clusters in the kernels this GPU runs (sm_90 code)
 };
 
-inline LaunchPlan plan_launch(const KDLossArgs& a) {
+enum class KernelKind { resident, stream, split };
+
+struct LaunchPlan {
+  KernelKind kernel;
+  int threads_per_row;  // resident: 32 .. kResidentMaxThreads; otherwise the block size
+  unsigned blocks;
+  unsigned threads;     // per block
+  int split = 1;        // split kernel: CTAs (a cluster) per row
+};
+
+// CTAs per row for the split kernel: doubled (up to kMaxSplit, and while every CTA keeps at least
+// kSplitMinSlice classes) while the rows in flight (kSplitBlocksPerSM CTAs per SM) would touch
+// more than half the L2 between their two sweeps, or while there are fewer CTAs than CTA slots.
+inline int plan_split(const KDLossArgs& a, int student_bytes, int teacher_bytes,
+                      const DeviceShape& d) {
+  if (!d.clusters) return 1;
+  const int64_t row_bytes =
+      a.cols * (student_bytes * (a.grad != nullptr ? 2 : 1) + a.num_teachers * teacher_bytes);
+  const int64_t slots = static_cast<int64_t>(d.sms) * kSplitBlocksPerSM;
+  int split = 1;
+  while (split < kMaxSplit && a.cols / (2 * split) >= kSplitMinSlice) {
+    const int64_t in_flight = std::min<int64_t>(a.rows, std::max<int64_t>(slots / split, 1));
+    const bool misses_l2 = in_flight * row_bytes > d.l2_bytes / 2;
+    const bool idle_slots = a.rows * split < slots;
+    if (!misses_l2 && !idle_slots) break;
+    split *= 2;
+  }
+  return split;
+}
+
+inline LaunchPlan plan_launch(const KDLossArgs& a, const DeviceShape& d = {},
+                              int student_bytes = 4, int teacher_bytes = 4) {
   const int elems = resident_elems(a.divergence);
   if (a.cols <= static_cast<int64_t>(elems) * kResidentMaxThreads) {
     int tpr = 32;
@@ -1528,20 +1841,59 @@ inline LaunchPlan plan_launch(const KDLossArgs& a) {
     const int rows_per_block = tpr == 32 ? kWarpRowsPerBlock : 1;
     const auto blocks = static_cast<unsigned>(
         std::min<int64_t>((a.rows + rows_per_block - 1) / rows_per_block, kMaxBlocks));
-    return {true, tpr, blocks, static_cast<unsigned>(tpr * rows_per_block)};
+    return {KernelKind::resident, tpr, blocks, static_cast<unsigned>(tpr * rows_per_block)};
+  }
+  // Forward KL with dense teachers only: the split kernel; sparse teachers and the other
+  // divergences stream a row per block.
+  if (a.divergence == kForwardKL && a.num_sparse == 0) {
+    const int split = plan_split(a, student_bytes, teacher_bytes, d);
+    const auto blocks = static_cast<unsigned>(std::min<int64_t>(a.rows, kMaxBlocks / split) * split);
+    return {KernelKind::split, kSplitThreads, blocks, static_cast<unsigned>(kSplitThreads), split};
   }
   const auto blocks = static_cast<unsigned>(std::min<int64_t>(a.rows, kMaxBlocks));
-  return {false, kStreamThreads, blocks, static_cast<unsigned>(kStreamThreads)};
+  return {KernelKind::stream, kStreamThreads, blocks, static_cast<unsigned>(kStreamThreads)};
 }
+
+// A launch with clusters of `cluster` consecutive blocks (the split kernel when split > 1). A
+// check that runs the kernels without clusters defines FASTKD_LAUNCH_CLUSTER.
+#ifndef FASTKD_LAUNCH_CLUSTER
+template <typename Kernel, typename... Args>
+cudaError_t launch_cluster(Kernel kernel, unsigned blocks, unsigned threads, unsigned cluster,
+                           cudaStream_t stream, Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(threads);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = cluster;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+#define FASTKD_LAUNCH_CLUSTER(kernel, blocks, threads, cluster, stream, ...) \
+  launch_cluster(kernel, blocks, threads, cluster, stream, __VA_ARGS__)
+#endif
 
 // Launches the planned kernel; returns the launch's error code.
 template <typename S, typename Tt, int VEC>
-cudaError_t launch(const KDLossArgs& a, cudaStream_t stream) {
-  const LaunchPlan p = plan_launch(a);
-  if (p.resident) {
+cudaError_t launch(const KDLossArgs& a, const DeviceShape& d, cudaStream_t stream) {
+  const LaunchPlan p = plan_launch(a, d, sizeof(S), sizeof(Tt));
+  if (p.kernel == KernelKind::resident) {
     auto* kernel = a.num_teachers > 1 ? kd_loss_resident_kernel<S, Tt, VEC, true, kForwardKL>
                                       : kd_loss_resident_kernel<S, Tt, VEC, false, kForwardKL>;
     FASTKD_LAUNCH(kernel, p.blocks, p.threads, stream, a, p.threads_per_row);
+  } else if (p.kernel == KernelKind::split) {
+    auto* kernel = kd_loss_split_kernel<S, Tt, VEC>;
+    if (p.split > 1) {
+      const cudaError_t e =
+          FASTKD_LAUNCH_CLUSTER(kernel, p.blocks, p.threads, p.split, stream, a, p.split);
+      if (e != cudaSuccess) return e;
+    } else {
+      FASTKD_LAUNCH(kernel, p.blocks, p.threads, stream, a, 1);
+    }
   } else {
     auto* kernel = kd_loss_stream_kernel<S, Tt, VEC>;
     FASTKD_LAUNCH(kernel, p.blocks, p.threads, stream, a);
@@ -1553,7 +1905,7 @@ cudaError_t launch(const KDLossArgs& a, cudaStream_t stream) {
 template <typename S, typename Tt, int DIV>
 cudaError_t launch_divergence(const KDLossArgs& a, cudaStream_t stream) {
   const LaunchPlan p = plan_launch(a);
-  if (p.resident) {
+  if (p.kernel == KernelKind::resident) {
     auto* kernel = kd_loss_resident_kernel<S, Tt, 1, true, DIV>;
     FASTKD_LAUNCH(kernel, p.blocks, p.threads, stream, a, p.threads_per_row);
   } else {
@@ -1573,7 +1925,8 @@ inline bool rows_aligned(const void* base, int64_t stride_outer, int64_t stride_
 // Picks 16-byte vectors when every row, the gradient and C allow them, else one element per
 // access; launches and returns the launch's error code.
 template <typename S, typename Tt>
-cudaError_t launch_for_layout(const KDLossArgs& a, int64_t outer, cudaStream_t stream) {
+cudaError_t launch_for_layout(const KDLossArgs& a, int64_t outer, const DeviceShape& d,
+                              cudaStream_t stream) {
   if (a.divergence == kReverseKL) return launch_divergence<S, Tt, kReverseKL>(a, stream);
   if (a.divergence == kJSD) return launch_divergence<S, Tt, kJSD>(a, stream);
   constexpr int kVec = 16 / sizeof(S);
@@ -1584,7 +1937,7 @@ cudaError_t launch_for_layout(const KDLossArgs& a, int64_t outer, cudaStream_t s
     vec = vec && rows_aligned(a.teachers[k], a.t_stride_outer[k], a.t_stride_inner[k], outer,
                               a.inner, sizeof(Tt));
   }
-  return vec ? launch<S, Tt, kVec>(a, stream) : launch<S, Tt, 1>(a, stream);
+  return vec ? launch<S, Tt, kVec>(a, d, stream) : launch<S, Tt, 1>(a, d, stream);
 }
 
 }  // namespace fastkd::kd_cuda
