@@ -1,5 +1,5 @@
 // fastkd::kd_loss_fwd on CUDA: the torch launcher of the kernels in kd_loss_kernels.cuh (which
-// documents the math, the two kernels and their numerics): checks, device guard, stream, dtype
+// documents the math, the three kernels and their numerics): checks, device guard, stream, dtype
 // dispatch, and a checked launch.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -9,24 +9,38 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <array>
+#include <atomic>
+
 #include "cuda/kd_loss_kernels.cuh"
 #include "kd_loss_op.h"
 
 namespace fastkd {
 namespace {
 
-// The launch plan's view of the current GPU. Clusters need the extension's sm_90 code: a newer
-// GPU that JIT-compiles its compute_80 PTX runs kernels without them.
-kd_cuda::DeviceShape device_shape() {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+// Whether the kernels this GPU runs were compiled for sm_90 (which has clusters): a newer GPU
+// that JIT-compiles the extension's compute_80 PTX runs them without. Asked once per device (the
+// query may load the module, which should not first happen inside a CUDA graph capture).
+bool runs_sm90_code(int device) {
+  static std::array<std::atomic<int>, 64> known{};  // 0: not asked yet, 1: no, 2: yes
+  if (device < 0 || device >= static_cast<int>(known.size())) return false;
+  int v = known[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kd_cuda::kd_loss_split_kernel<float, float, 4>));
+    v = attr.ptxVersion >= 90 ? 2 : 1;
+    known[device].store(v, std::memory_order_relaxed);
+  }
+  return v == 2;
+}
+
+// The launch plan's view of the current GPU.
+kd_cuda::DeviceShape device_shape(int device) {
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
   kd_cuda::DeviceShape d;
   d.sms = prop->multiProcessorCount;
   d.l2_bytes = prop->l2CacheSize;
-  if (prop->major >= 9) {
-    cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kd_cuda::kd_loss_split_kernel<float, float, 4>));
-    d.clusters = attr.ptxVersion >= 90;
-  }
+  d.clusters = prop->major >= 9 && runs_sm90_code(device);
   return d;
 }
 
@@ -77,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
   TORCH_CHECK(a.cols <= (int64_t{1} << 30), "fastkd: the CUDA kernel takes at most 2^30 classes, "
               "got ", a.cols);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const kd_cuda::DeviceShape device = device_shape();
+  const kd_cuda::DeviceShape device = device_shape(student.get_device());
   const int64_t outer = student.size(0);
   // With sparse teachers alone there is no dense teacher row to read: any teacher type will do.
   const at::ScalarType teacher_dtype =

@@ -1519,7 +1519,7 @@ __global__ void __launch_bounds__(kSplitThreads, kSplitBlocksPerSM)
 template <typename S, typename Tt, int DIV>
 __global__ void __launch_bounds__(kStreamThreads)
     kd_loss_div_stream_kernel(const __grid_constant__ KDLossArgs a) {
-  static_assert(DIV == kReverseKL || DIV == kJSD, "forward KL runs kd_loss_stream_kernel");
+  static_assert(DIV == kReverseKL || DIV == kJSD, "forward KL runs the split or streaming kernel");
   constexpr int U = kStreamElems;
   using Group = RowGroup<kStreamThreads / 32, 6>;
   __shared__ float smem[Group::kSmemFloats];
