@@ -9,9 +9,11 @@ Shapes: student and teachers ``[outer, inner, C]`` (class stride 1; row ``b`` at
 ``(b // inner) * stride(0) + (b % inner) * stride(1)``), labels and row weights ``[rows]``.
 
 One program per row, fp32 math. Sweep 1 runs an online log-sum-exp over ``BLOCK_C``-wide chunks of
-the student, then of each teacher, relative to the running maximum in logit units (subtracted
+the student and, for forward KL, of every dense teacher alongside it (each chunk of the student
+is loaded once for all of them), relative to the running maximum in logit units (subtracted
 before the 1/T scaling, so a large common offset costs no precision); sweep 2 writes the
-gradient. When ``C <= BLOCK_C`` a sweep is a single chunk and the re-read hits cache.
+gradient. The other divergences sweep each teacher after the student (they need the student's
+final maximum). When ``C <= BLOCK_C`` a sweep is a single chunk and the re-read hits cache.
 Weights of exactly 0 skip the teacher's loads and contribute exactly 0 (no 0 * inf).
 
 Sparse (top-k) teachers (``NUM_S`` of them, after the ``NUM_T`` dense ones in the weights) stand
@@ -98,6 +100,43 @@ def _row_ptr(base, row, inner, stride_outer, stride_inner):
 
 
 @triton.jit
+def _teachers_chunk(
+    xs, offs, mask, row, inner,
+    t0, t1, t2, t3, t4, t5, t6, t7,
+    so0, so1, so2, so3, so4, so5, so6, so7,
+    si0, si1, si2, si3, si4, si5, si6, si7,
+    w, kidx, inv_t, m_raw, m_t, z_t, cross,
+    NUM_T: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One chunk of every dense teacher's online log-sum-exp and cross term (forward KL), with
+    the student's chunk `xs` already loaded: the teachers' running maxima (raw and as
+    subtracted), sums and cross terms side by side in [MAX_TEACHERS] vectors. A teacher of
+    weight 0 loads nothing (its lanes masked off) and keeps zero sums."""
+    m_new = m_t
+    z_c = tl.zeros_like(z_t)
+    cross_c = tl.zeros_like(cross)
+    for k in tl.static_range(NUM_T):
+        wk = tl.sum(tl.where(kidx == k, w, 0.0), 0)
+        t_row = _row_ptr(
+            pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
+            pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
+            pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
+        )
+        live = mask & (tl.broadcast_to(wk, [BLOCK]) != 0.0)
+        x = tl.load(t_row + offs, mask=live, other=float("-inf")).to(tl.float32)
+        mr_k = tl.maximum(tl.sum(tl.where(kidx == k, m_raw, 0.0), 0), tl.max(x, 0))
+        mn_k = _finite_or_zero(mr_k)
+        e = tl.exp((x - mn_k) * inv_t)
+        m_raw = tl.where(kidx == k, mr_k, m_raw)
+        m_new = tl.where(kidx == k, mn_k, m_new)
+        z_c = tl.where(kidx == k, tl.sum(e, 0), z_c)
+        cross_c = tl.where(kidx == k, tl.sum(tl.where(e > 0.0, e * (x - xs), 0.0), 0), cross_c)
+    z_t = _rescaled(z_t, m_t, m_new, inv_t) + z_c
+    cross = _rescaled(cross, m_t, m_new, inv_t) + cross_c
+    return m_raw, m_new, z_t, cross
+
+
+@triton.jit
 def _kd_loss_fwd_kernel(
     s_ptr, s_so, s_si,
     t0, t1, t2, t3, t4, t5, t6, t7,
@@ -162,9 +201,24 @@ def _kd_loss_fwd_kernel(
     s_rel = 0.0  # sum (s - m_s), moved along with m_s (sparse teachers' tail term)
     a_s = 0.0  # sum exp((s - m_s) / T) (s - m_s), moved along with m_s (reverse KL, sparse)
     m_raw = float("-inf")
+    if DIVERGENCE == 0:
+        # Forward KL: the dense teachers' statistics need only their own maxima, so they ride
+        # along with the student's sweep (one read of each; see _teachers_chunk).
+        t_mraw = tl.full([MAX_TEACHERS_C], float("-inf"), tl.float32)
+        t_m = tl.zeros([MAX_TEACHERS_C], dtype=tl.float32)
+        t_z = tl.zeros([MAX_TEACHERS_C], dtype=tl.float32)
+        t_cross = tl.zeros([MAX_TEACHERS_C], dtype=tl.float32)
     for start in range(0, C, BLOCK_C):
         mask = start + cols < C
         x = tl.load(s_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        if DIVERGENCE == 0:
+            t_mraw, t_m, t_z, t_cross = _teachers_chunk(
+                x, start + cols, mask, row, inner,
+                t0, t1, t2, t3, t4, t5, t6, t7,
+                so0, so1, so2, so3, so4, so5, so6, so7,
+                si0, si1, si2, si3, si4, si5, si6, si7,
+                w, kidx, inv_t, t_mraw, t_m, t_z, t_cross, NUM_T, BLOCK_C,
+            )
         m_raw = tl.maximum(m_raw, tl.max(x, 0))
         m_new = _finite_or_zero(m_raw)
         if DIVERGENCE == 1:
@@ -211,35 +265,38 @@ def _kd_loss_fwd_kernel(
                 pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
                 pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
             )
-            m_t = 0.0
-            m_raw = float("-inf")
-            z_t = 0.0
-            cross = 0.0
-            e_s_sum = 0.0  # reverse KL: sum of the student's e_s over the chunks so far
-            for start in range(0, C, BLOCK_C):
-                mask = start + cols < C
-                x = tl.load(t_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                if DIVERGENCE != 2:
-                    xs = tl.load(s_row + start + cols, mask=mask, other=float("-inf")).to(
+            if DIVERGENCE == 0:
+                m_t = tl.sum(tl.where(kidx == k, t_m, 0.0), 0)
+                z_t = tl.sum(tl.where(kidx == k, t_z, 0.0), 0)
+                cross = tl.sum(tl.where(kidx == k, t_cross, 0.0), 0)
+            else:
+                m_t = 0.0
+                m_raw = float("-inf")
+                z_t = 0.0
+                cross = 0.0
+                e_s_sum = 0.0  # reverse KL: sum of the student's e_s over the chunks so far
+                for start in range(0, C, BLOCK_C):
+                    mask = start + cols < C
+                    x = tl.load(t_row + start + cols, mask=mask, other=float("-inf")).to(
                         tl.float32
                     )
-                m_raw = tl.maximum(m_raw, tl.max(x, 0))
-                m_new = _finite_or_zero(m_raw)
-                e = tl.exp((x - m_new) * inv_t)
-                if DIVERGENCE == 0:
-                    cross = _rescaled(cross, m_t, m_new, inv_t) + tl.sum(
-                        tl.where(e > 0.0, e * (x - xs), 0.0), 0
-                    )
-                elif DIVERGENCE == 1:
-                    # sum_c e_s_c ((s_c - m_s) - (t_c - m_t)): e_s is final (m_s is), the
-                    # teacher's maximum moves the earlier chunks' terms by m_new - m_t each.
-                    e_s = tl.exp((xs - m_s) * inv_t)
-                    cross = cross + (m_new - m_t) * e_s_sum + tl.sum(
-                        tl.where(e_s > 0.0, e_s * ((xs - m_s) - (x - m_new)), 0.0), 0
-                    )
-                    e_s_sum += tl.sum(e_s, 0)
-                z_t = _rescaled(z_t, m_t, m_new, inv_t) + tl.sum(e, 0)
-                m_t = m_new
+                    if DIVERGENCE == 1:
+                        xs = tl.load(s_row + start + cols, mask=mask, other=float("-inf")).to(
+                            tl.float32
+                        )
+                    m_raw = tl.maximum(m_raw, tl.max(x, 0))
+                    m_new = _finite_or_zero(m_raw)
+                    e = tl.exp((x - m_new) * inv_t)
+                    if DIVERGENCE == 1:
+                        # sum_c e_s_c ((s_c - m_s) - (t_c - m_t)): e_s is final (m_s is), the
+                        # teacher's maximum moves the earlier chunks' terms by m_new - m_t each.
+                        e_s = tl.exp((xs - m_s) * inv_t)
+                        cross = cross + (m_new - m_t) * e_s_sum + tl.sum(
+                            tl.where(e_s > 0.0, e_s * ((xs - m_s) - (x - m_new)), 0.0), 0
+                        )
+                        e_s_sum += tl.sum(e_s, 0)
+                    z_t = _rescaled(z_t, m_t, m_new, inv_t) + tl.sum(e, 0)
+                    m_t = m_new
             log_zt = tl.log(z_t)
             if DIVERGENCE == 0:
                 # lse(s / T) - lse(t / T), its large parts (the maxima) cancelled first.
@@ -647,7 +704,9 @@ def _jsd_terms(p, lp, q, lq, beta):
 
 
 def _block_c(classes: int, divergence: int = 0) -> int:
-    # Whole rows up to 4096 classes in one chunk; wider rows stream in 4096-wide chunks. JSD: up
+    # Whole rows up to 4096 classes in one chunk; wider rows stream in 4096-wide chunks (16
+    # warps: one program, one row, per SM, so that the rows in flight and their re-read distance
+    # stay small; 2048-wide chunks at 8 warps would fit two rows per SM and double it). JSD: up
     # to 1024 (see _num_warps).
     return min(max(triton.next_power_of_2(classes), 16), 1024 if divergence == 2 else 4096)
 

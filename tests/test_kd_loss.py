@@ -229,6 +229,18 @@ def test_teacher_cohorts(backend, k, mode):
     check_against_reference(backend, s, ts, y, teacher_weights=weights, **kw)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cohort_on_rows_of_several_chunks(backend):
+    # Rows wider than one Triton chunk (4096 classes), where the dense teachers' statistics ride
+    # along with the student's sweep: guided rows (some teachers weigh 0 on a row), a silent
+    # teacher, -inf logits in one teacher and a large common offset, CE with smoothing.
+    s, ts, y = make_inputs((3, 5003), BF16, F32, teachers=3, ignore=True, guided_hits=True)
+    ts[2][0, :2500] = -math.inf
+    s, ts = s + 300.0, [t + 300.0 for t in ts]
+    check_against_reference(backend, s, ts, y, alpha=0.3, guided=True, temperature=2.5,
+                            label_smoothing=0.1, teacher_weights=[1.0, 0.0, 0.7])
+
+
 def test_nine_teachers_auto_falls_back_to_torch():
     s, ts, y = make_inputs((6, 30), teachers=9, ignore=True)
     with OpLog() as log:
