@@ -79,7 +79,46 @@ static PyObject* empty_cpu_cache(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+#ifdef FASTKD_WITH_CUDA
+// fastkd._C.kd_cuda_launch_plan(rows, cols, teachers, sparse_teachers, divergence,
+// student_bytes, teacher_bytes, with_grad, sms, l2_bytes, clusters): the CUDA KD kernels' launch
+// plan for that call on that GPU, as (kernel, threads_per_row, blocks, threads, split) with
+// kernel "resident", "split" or "stream". No GPU is needed: the plan is host code.
+static PyObject* kd_cuda_launch_plan(PyObject*, PyObject* args) {
+  long long rows, cols, l2_bytes;
+  int teachers, sparse, divergence, student_bytes, teacher_bytes, with_grad, sms, clusters;
+  if (!PyArg_ParseTuple(args, "LLiiiiipiLp", &rows, &cols, &teachers, &sparse, &divergence,
+                        &student_bytes, &teacher_bytes, &with_grad, &sms, &l2_bytes, &clusters)) {
+    return nullptr;
+  }
+  if (rows < 1 || cols < 1 || teachers < 0 || sparse < 0 || teachers + sparse < 1 ||
+      teachers + sparse > fastkd::kMaxTeachers || sms < 1 || l2_bytes < 0) {
+    PyErr_SetString(PyExc_ValueError,
+                    "kd_cuda_launch_plan: rows, cols and sms must be >= 1, l2_bytes >= 0, and "
+                    "1 to max_teachers teachers in all");
+    return nullptr;
+  }
+  fastkd::KDLossArgs a;
+  a.rows = rows;
+  a.cols = cols;
+  a.num_teachers = teachers;
+  a.num_sparse = sparse;
+  a.divergence = divergence;
+  static char unused;  // the plan only asks whether there is a gradient
+  a.grad = with_grad ? &unused : nullptr;
+  const fastkd::KDCudaLaunchPlan p = fastkd::kd_cuda_launch_plan(
+      a, student_bytes, teacher_bytes, sms, l2_bytes, clusters != 0);
+  static const char* const kinds[] = {"resident", "split", "stream"};
+  return Py_BuildValue("(siLii)", kinds[p.kernel], p.threads_per_row,
+                       static_cast<long long>(p.blocks), p.threads, p.split);
+}
+#endif
+
 static PyMethodDef fastkd_methods[] = {
+#ifdef FASTKD_WITH_CUDA
+    {"kd_cuda_launch_plan", kd_cuda_launch_plan, METH_VARARGS,
+     "the CUDA KD kernels' launch plan for a call and a GPU shape (host code, no GPU needed)"},
+#endif
     {"cpu_cache_info", cpu_cache_info, METH_NOARGS,
      "(cached_bytes, in_use_bytes, limit_bytes, hits, misses) of the CPU block cache"},
     {"set_cpu_cache_limit", set_cpu_cache_limit, METH_O, "sets the CPU block cache's limit"},

@@ -87,6 +87,20 @@ struct KDLossArgs {
   void* grad = nullptr;      // contiguous [rows, cols] in the student's dtype, or nullptr
 };
 
+// The CUDA kernels' launch plan for a call of this shape on a GPU of this shape (csrc/cuda/
+// kd_loss_kernels.cuh, plan_launch), defined by the CUDA launcher so that tests on machines
+// without a GPU can check it (fastkd._C.kd_cuda_launch_plan). kernel: 0 resident, 1 split,
+// 2 streaming.
+struct KDCudaLaunchPlan {
+  int kernel;
+  int threads_per_row;
+  int64_t blocks;
+  int threads;
+  int split;
+};
+KDCudaLaunchPlan kd_cuda_launch_plan(const KDLossArgs& a, int student_bytes, int teacher_bytes,
+                                     int sms, int64_t l2_bytes, bool clusters);
+
 FASTKD_HOST_DEVICE inline int64_t row_offset(int64_t row, int64_t inner, int64_t stride_outer,
                                              int64_t stride_inner) {
   return inner == 1 ? row * stride_outer

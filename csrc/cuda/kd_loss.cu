@@ -64,6 +64,17 @@ void launch_for_teacher(const KDLossArgs& a, int64_t outer, at::ScalarType teach
 
 }  // namespace
 
+KDCudaLaunchPlan kd_cuda_launch_plan(const KDLossArgs& a, int student_bytes, int teacher_bytes,
+                                     int sms, int64_t l2_bytes, bool clusters) {
+  kd_cuda::DeviceShape d;
+  d.sms = sms;
+  d.l2_bytes = l2_bytes;
+  d.clusters = clusters;
+  const kd_cuda::LaunchPlan p = kd_cuda::plan_launch(a, d, student_bytes, teacher_bytes);
+  return {static_cast<int>(p.kernel), p.threads_per_row, static_cast<int64_t>(p.blocks),
+          static_cast<int>(p.threads), p.split};
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(
     const at::Tensor& student, at::TensorList teachers, const std::optional<at::Tensor>& labels,
     const std::optional<at::Tensor>& kd_row_weights,

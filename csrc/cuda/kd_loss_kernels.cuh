@@ -1802,7 +1802,8 @@ struct DeviceShape {
   bool clusters = false;  // thread-block clusters in the kernels this GPU runs (sm_90 code)
 };
 
-enum class KernelKind { resident, stream, split };
+// The values are KDCudaLaunchPlan::kernel's (csrc/kd_loss.h).
+enum class KernelKind { resident = 0, split = 1, stream = 2 };
 
 struct LaunchPlan {
   KernelKind kernel;
@@ -1890,7 +1891,16 @@ cudaError_t launch(const KDLossArgs& a, const DeviceShape& d, cudaStream_t strea
     if (p.split > 1) {
       const cudaError_t e =
           FASTKD_LAUNCH_CLUSTER(kernel, p.blocks, p.threads, p.split, stream, a, p.split);
-      if (e != cudaSuccess) return e;
+      if (e == cudaErrorInvalidClusterSize || e == cudaErrorLaunchOutOfResources) {
+        // A partitioned GPU (MPS, green contexts) may hold no cluster this size: a CTA per row
+        // (whose own launch error, if any, cudaGetLastError returns below).
+        (void)cudaGetLastError();
+        const LaunchPlan one = plan_launch(a, DeviceShape{d.sms, d.l2_bytes, false}, sizeof(S),
+                                           sizeof(Tt));
+        FASTKD_LAUNCH(kernel, one.blocks, one.threads, stream, a, 1);
+      } else if (e != cudaSuccess) {
+        return e;
+      }
     } else {
       FASTKD_LAUNCH(kernel, p.blocks, p.threads, stream, a, 1);
     }
