@@ -632,14 +632,16 @@ def test_cuda_graph_capture_and_replay(backend, classes, reduction):
 SPLIT_SHAPES = [(300, 8200), (300, 20000), (300, 40000), (300, 131072), (3, 262144), (5, 65537)]
 
 
+@needs_cuda_kernels
 @pytest.mark.parametrize("rows,classes", SPLIT_SHAPES, ids=str)
 @pytest.mark.parametrize("k", (1, 3))
-def test_split_rows_match_reference(backend, rows, classes, k):
+def test_split_rows_match_reference(rows, classes, k):
+    # The CUDA kernel's plan only (tests/test_cuda_launch_plan.py checks the sizes it picks).
     s, ts = _logits(rows, classes, torch.bfloat16, seed=classes + k, k=k)
     y = _labels(rows, classes, seed=classes, ignore_every=7)
-    _check(backend, s, ts, y, alpha=0.5, temperature=2.0, label_smoothing=0.1)
-    first = _loss_and_grad(backend, s, ts, y, alpha=0.5, temperature=2.0)
-    again = _loss_and_grad(backend, s, ts, y, alpha=0.5, temperature=2.0)
+    _check("cuda", s, ts, y, alpha=0.5, temperature=2.0, label_smoothing=0.1)
+    first = _loss_and_grad("cuda", s, ts, y, alpha=0.5, temperature=2.0)
+    again = _loss_and_grad("cuda", s, ts, y, alpha=0.5, temperature=2.0)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
