@@ -157,7 +157,8 @@ def test_split_kernel_keeps_several_rows_per_sm():
     (its __launch_bounds__): its registers, allocated in steps of 8 per thread, must allow it."""
     header = Path(__file__).resolve().parent.parent / "csrc" / "cuda" / "kd_loss_kernels.cuh"
     per_sm = int(re.search(r"constexpr int kSplitBlocksPerSM = (\d+);", header.read_text())[1])
-    rows = [r for r in kernel_resources() if _family(r["kernel"]) == "kd_cuda::kd_loss_split_kernel"]
+    split = "kd_cuda::kd_loss_split_kernel"
+    rows = [r for r in kernel_resources() if _family(r["kernel"]) == split]
     assert rows, "the extension has no kd_loss_split_kernel"
     short = [f"{r['arch']} {r['kernel']}: {r['registers']} registers"
              for r in rows
