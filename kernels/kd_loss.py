@@ -100,6 +100,21 @@ def _row_ptr(base, row, inner, stride_outer, stride_inner):
 
 
 @triton.jit
+def _teacher_row(
+    k: tl.constexpr, row, inner,
+    t0, t1, t2, t3, t4, t5, t6, t7,
+    so0, so1, so2, so3, so4, so5, so6, so7,
+    si0, si1, si2, si3, si4, si5, si6, si7,
+):
+    """Dense teacher k's row (k known at compile time: one pointer argument per teacher)."""
+    return _row_ptr(
+        pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
+        pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
+        pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
+    )
+
+
+@triton.jit
 def _teachers_chunk(
     xs, offs, mask, row, inner,
     t0, t1, t2, t3, t4, t5, t6, t7,
@@ -117,10 +132,9 @@ def _teachers_chunk(
     cross_c = tl.zeros_like(cross)
     for k in tl.static_range(NUM_T):
         wk = tl.sum(tl.where(kidx == k, w, 0.0), 0)
-        t_row = _row_ptr(
-            pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
-            pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
-            pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
+        t_row = _teacher_row(
+            k, row, inner, t0, t1, t2, t3, t4, t5, t6, t7,
+            so0, so1, so2, so3, so4, so5, so6, so7, si0, si1, si2, si3, si4, si5, si6, si7,
         )
         live = mask & (tl.broadcast_to(wk, [BLOCK]) != 0.0)
         x = tl.load(t_row + offs, mask=live, other=float("-inf")).to(tl.float32)
@@ -260,10 +274,9 @@ def _kd_loss_fwd_kernel(
     for k in tl.static_range(NUM_T):
         wk = tl.sum(tl.where(kidx == k, w, 0.0), 0)
         if wk != 0.0:
-            t_row = _row_ptr(
-                pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
-                pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
-                pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
+            t_row = _teacher_row(
+                k, row, inner, t0, t1, t2, t3, t4, t5, t6, t7,
+                so0, so1, so2, so3, so4, so5, so6, so7, si0, si1, si2, si3, si4, si5, si6, si7,
             )
             if DIVERGENCE == 0:
                 m_t = tl.sum(tl.where(kidx == k, t_m, 0.0), 0)
@@ -583,10 +596,9 @@ def _grad_at(
             # and its term is exactly 0 * 0). A branch here kept one predicate per teacher alive
             # from sweep 1 to sweep 2, which ptxas spilled (sm_90, C = 1000).
             wk = tl.sum(tl.where(kidx == k, w, 0.0), 0)
-            t_row = _row_ptr(
-                pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
-                pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
-                pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
+            t_row = _teacher_row(
+                k, row, inner, t0, t1, t2, t3, t4, t5, t6, t7,
+                so0, so1, so2, so3, so4, so5, so6, so7, si0, si1, si2, si3, si4, si5, si6, si7,
             )
             m_t = tl.sum(tl.where(kidx == k, m_ts, 0.0), 0)
             log_zt = tl.sum(tl.where(kidx == k, log_zts, 0.0), 0)
@@ -623,10 +635,9 @@ def _other_kd_grad(
     for k in tl.static_range(NUM_T):
         # Branch-free as for forward KL: a teacher of weight 0 loads nothing.
         wk = tl.sum(tl.where(kidx == k, w, 0.0), 0)
-        t_row = _row_ptr(
-            pick(k, t0, t1, t2, t3, t4, t5, t6, t7), row, inner,
-            pick(k, so0, so1, so2, so3, so4, so5, so6, so7),
-            pick(k, si0, si1, si2, si3, si4, si5, si6, si7),
+        t_row = _teacher_row(
+            k, row, inner, t0, t1, t2, t3, t4, t5, t6, t7,
+            so0, so1, so2, so3, so4, so5, so6, so7, si0, si1, si2, si3, si4, si5, si6, si7,
         )
         m_t = tl.sum(tl.where(kidx == k, m_ts, 0.0), 0)
         live = mask & (tl.broadcast_to(wk, [BLOCK]) != 0.0)
