@@ -31,7 +31,7 @@
 # A phase that fails or times out is reported in summary.txt and the job goes on; the exit status
 # is 0 only when every phase that ran succeeded.
 #
-# The lm plan: tests-div (100 s: reverse KL and JSD on both GPU backends) | tests-head (40 s:
+# The lm plan: tests-div (100 s: reverse KL and JSD on both GPU backends, and sparse teachers) | tests-head (40 s:
 # linear_kd_loss on both GPU backends) | bench-div (90 s: reverse KL and JSD(0.5) at [8192, 128256] bf16 vs
 # eager TRL and LigerJSD) | bench-div-compile (60 s: the same vs torch.compile) | bench-head (100 s:
 # linear_kd_loss at 8192 tokens, H=4096, C=128256 bf16 vs eager, compile and Liger's fused linear
@@ -237,7 +237,8 @@ if [[ $PLAN == headline ]]; then
     pytest_phase tests-features 60 -m cuda tests/test_feature_regression.py \
         tests/test_channel_attention.py
 elif [[ $PLAN == lm ]]; then
-    pytest_phase tests-div 100 -m cuda tests/test_kd_loss_cuda.py -k divergence
+    pytest_phase tests-div 100 -m cuda tests/test_kd_loss_cuda.py tests/test_kd_loss_sparse.py \
+        -k "divergence or TestGPU"
     pytest_phase tests-head 40 -m cuda tests/test_linear_kd_loss.py
 fi
 

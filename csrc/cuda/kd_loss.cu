@@ -27,7 +27,7 @@ bool runs_sm90_code(int device) {
   int v = known[device].load(std::memory_order_relaxed);
   if (v == 0) {
     cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kd_cuda::kd_loss_split_kernel<float, float, 4>));
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kd_cuda::kd_loss_split_kernel<float, float, 4, false>));
     v = attr.ptxVersion >= 90 ? 2 : 1;
     known[device].store(v, std::memory_order_relaxed);
   }

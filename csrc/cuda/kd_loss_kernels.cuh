@@ -23,14 +23,13 @@
 //    32 * kResidentElems classes (several rows per block); wider rows take a block of up to
 //    kResidentMaxThreads threads. With the whole row at hand the statistics are exact two-pass
 //    ones (max first, then the sums), as on the CPU.
-//  * split (wider rows, forward KL, dense teachers only): a row is cut into slices, one per CTA of
-//    a thread-block cluster (sm_90; a CTA per row elsewhere). One sweep gathers the online softmax
-//    statistics of the student and every teacher, the cluster combines them, and a second sweep
-//    writes the gradient, from L2: the host sizes the cluster so that the rows in flight fit.
-//  * streaming (wider rows with sparse teachers): one block per row. Sweep 1 runs an online
-//    softmax over the student and the first teacher with a nonzero weight together, later
-//    teachers get one sweep each; the gradient sweep then re-reads the row, from L2 while the rows
-//    in flight (one per block) fit.
+//  * split (wider rows): a row is cut into slices, one per CTA of a thread-block cluster (sm_90;
+//    a CTA per row elsewhere). One sweep gathers the online softmax statistics of the student and
+//    every dense teacher, the cluster combines them, and a second sweep writes the gradient, from
+//    L2: the host sizes the cluster so that the rows in flight fit. Sparse teachers take their k
+//    entries and the row's statistics.
+//  * streaming (reverse KL and JSD on rows wider than their resident limit): one block per row,
+//    see "Reverse KL and JSD" below.
 // Rows are addressed with 64-bit offsets. 16-byte vector accesses are used when every row start is
 // 16-byte aligned and C is a multiple of the vector width (checked on the host); otherwise the
 // same kernels run with one element per access.
@@ -99,7 +98,7 @@ constexpr int kStreamElems = 16;
 static_assert(kStreamThreads % 32 == 0 && kStreamThreads >= 64 && kStreamThreads <= 1024,
               "the streaming kernel needs whole warps, at least two of them");
 static_assert(kStreamElems % 8 == 0, "a step is a whole number of 16-byte vectors");
-// The split kernel (forward KL, dense teachers, wide rows): threads per CTA and the CTAs per SM
+// The split kernel (forward KL, wide rows): threads per CTA and the CTAs per SM
 // its registers are budgeted for (65536 / (256 * 2) = 128 per thread), so that two rows' slices
 // or more are in flight on every SM; at most kMaxSplit CTAs (a portable cluster) share a row, and
 // each takes at least one step (kSplitThreads * kStreamElems classes) of it.
@@ -331,7 +330,7 @@ __device__ float sparse_teacher_loss(const KDLossArgs& a, int j, int64_t row, co
   return w * T * (cross * r.inv_z + (log_zs - __logf(z)));
 }
 
-// The streaming kernel's gradient-sweep coefficients of a row, to recompute one entry.
+// The split kernel's gradient-sweep coefficients of a row, to recompute one entry.
 struct SweepCoefs {
   float m_s, c_q, c_off, c_1, c_y;
   int64_t y;
@@ -341,7 +340,7 @@ struct SweepCoefs {
   const float* t_ref;
 };
 
-// What the streaming kernel's gradient sweep wrote at class c, in float32 before rounding: the
+// What the split kernel's gradient sweep wrote at class c, in float32 before rounding: the
 // same operations in the same order, so the same bits.
 template <typename S, typename Tt>
 __device__ float sweep_value(const KDLossArgs& a, int64_t row, const S* s_row, int c, float inv_T,
@@ -360,22 +359,23 @@ __device__ float sweep_value(const KDLossArgs& a, int64_t row, const S* s_row, i
 
 // After the gradient sweep wrote w (q - p_tail) for this teacher everywhere: adds
 // w (p_tail - p_i) at its in-range ids, each entry read, corrected in float32 and stored. With
-// `sweep` (the streaming kernel) a bf16/fp16 entry is not read back, which would round it twice
+// `sweep` (the split kernel) a bf16/fp16 entry is not read back, which would round it twice
 // where q - p cancels (a teacher's likely classes): the sweep's float32 value is recomputed and
 // only what earlier sparse teachers added there (nothing, for the first) is taken from the stored
 // entry. The resident kernel reads back (a recompute there pushed it past its register budget:
-// ptxas spilled on sm_80), so its bf16/fp16 entries at the ids are rounded twice.
+// ptxas spilled on sm_80), so its bf16/fp16 entries at the ids are rounded twice. Only ids in
+// [lo, hi) are fixed: the columns this block's gradient sweep wrote (a slice, in the split kernel).
 template <typename S, typename Tt>
 __device__ void sparse_teacher_fixup(const KDLossArgs& a, int j, bool first, int64_t row,
                                      const SparseRow& r, float inv_T, const S* s_row,
-                                     const SweepCoefs* sweep, S* g_row, int lane, int threads) {
-  const int C = static_cast<int>(a.cols);
+                                     const SweepCoefs* sweep, S* g_row, int lane, int threads,
+                                     int lo, int hi) {
   const int64_t k = a.sparse_k[j];
   const int32_t* ids = a.sparse_ids[j] + row * k;
   const float* vals = static_cast<const float*>(a.sparse_values[j]) + row * k;
   for (int64_t i = lane; i < k; i += threads) {
     const int id = ids[i];
-    if (id < 0 || id >= C) continue;
+    if (id < lo || id >= hi) continue;
     const float fix = r.w * (r.p_tail - __expf((vals[i] - r.m) * inv_T) * r.inv_z);
     if (std::is_same_v<S, float> || sweep == nullptr) {
       g_row[id] = static_cast<S>(static_cast<float>(g_row[id]) + fix);
@@ -953,7 +953,7 @@ __global__ void __launch_bounds__(kResidentMaxThreads)
         const int j = __ffs(bits) - 1;
         if constexpr (DIV == kForwardKL) {
           sparse_teacher_fixup<S, Tt>(a, j, false, row, sparse_rows[slot][j], inv_T, s_row,
-                                      nullptr, g_row, lane, tpr);
+                                      nullptr, g_row, lane, tpr, 0, static_cast<int>(a.cols));
         } else {
           div_sparse_fixup<DIV>(a, j, row, sparse_rows[slot][j], s_row, m_s, inv_zs, log_zs,
                                 inv_T, beta, omb, g_row, lane, tpr);
@@ -1091,20 +1091,19 @@ __device__ void store_zeros(S* g, int nvec) {
   }
 }
 
-// The gradient sweep of the forward-KL streaming kernels over nvec vectors (a row, or a slice of
-// one): q and the CE term from the student s, minus w_k p_k for every active teacher k from
-// t_ptr[k] (same range), with c.t_coef / c.t_ref in shared memory; c.y is the label's column
-// relative to s.
+// The split kernel's gradient sweep over nvec vectors of a row starting at class c0 (s, t_ptr[k]
+// and g point there): q and the CE term from the student, minus w_k p_k for every active teacher
+// k, with c.t_coef / c.t_ref in shared memory; c.y is the label's column in the row.
 template <int THREADS, int U, int VEC, typename S, typename Tt>
-__device__ void gradient_sweep(const S* s, const Tt* const* t_ptr, S* g, int nvec, float inv_T,
-                               const SweepCoefs& c) {
+__device__ void gradient_sweep(const S* s, const Tt* const* t_ptr, S* g, int nvec, int64_t c0,
+                               float inv_T, const SweepCoefs& c) {
   for (int base = threadIdx.x; base < nvec; base += U * THREADS) {
     float xs[U][VEC];
     float out[U][VEC];
     load_step<THREADS>(s, base, nvec, xs);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int col = (base + u * THREADS) * VEC;
+      const int64_t col = c0 + (base + u * THREADS) * VEC;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const float x = xs[u][e];
@@ -1134,159 +1133,25 @@ __device__ void gradient_sweep(const S* s, const Tt* const* t_ptr, S* g, int nve
   }
 }
 
-template <typename S, typename Tt, int VEC>
-__global__ void __launch_bounds__(kStreamThreads)
-    kd_loss_stream_kernel(const __grid_constant__ KDLossArgs a) {
-  constexpr int U = kStreamElems / VEC;
-  using Group = RowGroup<kStreamThreads / 32, 6>;
-  __shared__ float smem[Group::kSmemFloats];
-  // Per active teacher, for the gradient sweep: w_k / z_k, the max of t_k, the row pointer.
-  __shared__ float t_coef[kMaxTeachers];
-  __shared__ float t_ref[kMaxTeachers];
-  __shared__ const Tt* t_ptr[kMaxTeachers];
-  // Per active sparse teacher, for the fix-up after the gradient sweep.
-  __shared__ SparseRow sparse_rows[kMaxTeachers];
-  Group group(kStreamThreads, smem);
-
-  const int C = static_cast<int>(a.cols);
-  const int nvec = C / VEC;
-  const float T = static_cast<float>(a.temperature);
-  const float inv_T = 1.0f / T;
-  const bool unit_T = a.temperature == 1.0;
-  const float eps = static_cast<float>(a.label_smoothing);
-  auto* row_loss = static_cast<float*>(a.row_loss);
-
-  for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
-    const RowPlan p = plan_row(a, row);
-    S* g_row = a.grad != nullptr ? static_cast<S*>(a.grad) + row * a.cols : nullptr;
-
-    if (p.skip()) {
-      if (g_row != nullptr) store_zeros<kStreamThreads, VEC>(g_row, nvec);
-      if (threadIdx.x == 0) row_loss[row] = 0.0f;
-      continue;
-    }
-
-    const S* s_row = student_row<S>(a, row);
-    const bool need_e1 = p.v != 0.0f && !unit_T;
-    const bool need_sum = p.v != 0.0f && eps != 0.0f;
-    const bool need_rel = p.sparse != 0;
-    float z_s = 0.0f, z_1 = 0.0f, sum_s = 0.0f, m_s = 0.0f, s_rel = 0.0f;
-    float loss = 0.0f;
-    // The student's statistics ride along with the first active teacher's sweep (or get a sweep
-    // of their own when no teacher is active).
-    bool first = true;
-    unsigned bits = p.active;
-    do {
-      const int k = bits != 0 ? __ffs(bits) - 1 : -1;
-      const Tt* t_row = k >= 0 ? teacher_row<Tt>(a, k, row) : nullptr;
-      StudentRun sr{neg_inf(), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-      TeacherRun tr{neg_inf(), 0.0f, 0.0f};
-      stream_stats<U, VEC>(s_row, t_row, first, need_e1, need_sum, need_rel, nvec, inv_T, sr,
-                           tr);
-
-      // Rescale every thread's sums to the row maxima, then add them up.
-      float mm[2] = {sr.m, tr.m};
-      group.max(mm);
-      float sums[6];
-      const float f_t = rescale(tr.m, mm[1], inv_T);
-      sums[0] = tr.z * f_t;
-      sums[1] = f_t > 0.0f ? tr.cross * f_t : 0.0f;
-      if (first) {
-        sums[2] = sr.z * rescale(sr.m, mm[0], inv_T);
-        sums[3] = sr.z1 * rescale(sr.m, mm[0], 1.0f);
-        sums[4] = sr.sum;
-        // Every thread's sum of s - ref moved to the row's reference (n = 0: nothing to move).
-        sums[5] = sr.n > 0.0f
-                      ? sr.rel + sr.n * (finite_or_zero(sr.m) - finite_or_zero(mm[0]))
-                      : 0.0f;
-        group.sum(sums);
-        m_s = finite_or_zero(mm[0]);
-        z_s = sums[2];
-        z_1 = sums[3];
-        sum_s = sums[4];
-        s_rel = sums[5];
-      } else {
-        float zc[2] = {sums[0], sums[1]};
-        group.sum(zc);
-        sums[0] = zc[0];
-        sums[1] = zc[1];
-      }
-      if (k >= 0) {
-        const float w = teacher_weight(a, k, row);
-        const float m_t = finite_or_zero(mm[1]);
-        loss += w * T * (sums[1] / sums[0] +
-                         lse_diff(m_s, __logf(z_s), m_t, __logf(sums[0]), inv_T));
-        if (threadIdx.x == 0) {
-          t_coef[k] = w / sums[0];
-          t_ref[k] = m_t;
-          t_ptr[k] = t_row;
-        }
-        bits &= bits - 1;
-      }
-      first = false;
-    } while (bits != 0);
-
-    // Sparse teachers: their tail probability joins the gradient's per-row constant.
-    float c_tail = 0.0f;
-    bool bad_id = false;
-    for (unsigned sb = p.sparse; sb != 0; sb &= sb - 1) {
-      const int j = __ffs(sb) - 1;
-      SparseRow r;
-      loss += sparse_teacher_loss(a, j, row, s_row, m_s, __logf(z_s), s_rel,
-                                  teacher_weight(a, a.num_teachers + j, row), T, inv_T,
-                                  static_cast<int>(threadIdx.x), kStreamThreads, group, r, bad_id);
-      c_tail += r.w * r.p_tail;
-      if (threadIdx.x == 0) sparse_rows[j] = r;
-    }
-
-    if (p.v != 0.0f) {
-      if (p.bad_label()) {
-        loss = quiet_nan();
-      } else {
-        loss += p.v * cross_entropy(m_s, __logf(unit_T ? z_s : z_1),
-                                    static_cast<float>(s_row[p.y]), sum_s, eps, C);
-      }
-    }
-    if (bad_id) loss = quiet_nan();
-    if (threadIdx.x == 0) row_loss[row] = loss;
-
-    if (g_row != nullptr) {
-      __syncthreads();  // t_coef / t_ref / t_ptr of this row are visible to every thread
-      const bool use_e1 = p.v_g != 0.0f && !unit_T;
-      const float c_q = p.w_sum / z_s + (p.v_g != 0.0f && unit_T ? p.v_g / z_s : 0.0f);
-      const float c_1 = use_e1 ? p.v_g / z_1 : 0.0f;
-      const float c_off = p.v_g * eps / static_cast<float>(C) + c_tail;
-      const float c_y = p.v_g * (1.0f - eps);
-      const SweepCoefs sweep{m_s, c_q, c_off, c_1, c_y, p.y, use_e1, p.active, t_coef, t_ref};
-      gradient_sweep<kStreamThreads, U, VEC>(s_row, t_ptr, g_row, nvec, inv_T, sweep);
-      // The sparse teachers' ids, one teacher at a time (their ids may overlap), after the row's
-      // stores. The next row's first writes to sparse_rows come after its reductions' barriers.
-      for (unsigned sb = p.sparse; sb != 0; sb &= sb - 1) {
-        __syncthreads();
-        const int j = __ffs(sb) - 1;
-        sparse_teacher_fixup<S, Tt>(a, j, sb == p.sparse, row, sparse_rows[j], inv_T, s_row,
-                                    &sweep, g_row, static_cast<int>(threadIdx.x), kStreamThreads);
-      }
-    }
-  }
-}
-
-// ---- Split kernel: forward KL with dense teachers on wide rows, a row shared by a cluster -------
+// ---- Split kernel: forward KL on wide rows, a row shared by a cluster ------------------------------
 //
 // A row is cut into `split` slices of whole vectors, one per CTA of a cluster of `split` CTAs
 // (thread-block clusters, sm_90; split = 1 elsewhere, a CTA per row). Each CTA sweeps its slice
-// once for the running statistics of the student and of every active teacher together, so that
-// the student is loaded once per sweep whatever the number of teachers. The CTAs' statistics are
-// combined through distributed shared memory, and each CTA sweeps its slice again for the
-// gradient. The host picks `split` (plan_split) so that the slices of all the rows in flight fit
+// once for the running statistics of the student and of every active dense teacher together, so
+// that the student is loaded once per sweep whatever the number of teachers. The CTAs' statistics
+// are combined through distributed shared memory, and each CTA sweeps its slice again for the
+// gradient. Sparse teachers take the row's statistics: every CTA reads their k entries (small next
+// to C) for the row's tail probability, and fixes the ids that fall in its own slice after its
+// sweep. The host picks `split` (plan_split) so that the slices of all the rows in flight fit
 // in half the L2: the second sweep then reads from L2, and each input byte comes from DRAM once.
 // Two or more 256-thread CTAs fit on an SM (the launch bounds cap the registers at 128), so
 // several rows are in flight per SM either way.
 
 // Per CTA and row: the maxima of the student and of each teacher, then the sums relative to them
-// (z_s, z_1, sum_s, each teacher's z, then each teacher's cross term).
+// (z_s, z_1, sum_s, rel = sum (s - m_s) and its count n for sparse teachers, each teacher's z,
+// then each teacher's cross term).
 constexpr int kSplitMaxima = 1 + kMaxTeachers;
-constexpr int kSplitSums = 3 + 2 * kMaxTeachers;
+constexpr int kSplitSums = 5 + 2 * kMaxTeachers;
 constexpr int kSplitValues = kSplitMaxima + kSplitSums;
 static_assert(kSplitValues <= kSplitThreads, "one thread combines each value");
 
@@ -1347,10 +1212,10 @@ __device__ __forceinline__ void combine_cluster(const ClusterExchange& ex, int s
     return;
   }
   const int i = l - kSplitMaxima;
-  // The maximum this sum is relative to (none for sum_s, a plain sum) and its scale.
-  const int mi = i < 2 ? 0 : i == 2 ? -1 : 1 + (i - 3) % kMaxTeachers;
+  // The maximum this sum is relative to (none for the plain sums sum_s and n), and its scale.
+  const int mi = i < 2 || i == 3 ? 0 : i < 5 ? -1 : 1 + (i - 5) % kMaxTeachers;
   const float scale = i == 1 ? 1.0f : inv_T;
-  const bool cross = i >= 3 + kMaxTeachers;
+  const bool cross = i >= 5 + kMaxTeachers;
   float m_row = neg_inf();
   if (mi >= 0) {
     for (int r = 0; r < split; ++r) m_row = fmaxf(m_row, ex.peer(r, mi));
@@ -1358,7 +1223,11 @@ __device__ __forceinline__ void combine_cluster(const ClusterExchange& ex, int s
   float sum = 0.0f;
   for (int r = 0; r < split; ++r) {
     float v = ex.peer(r, l);
-    if (mi >= 0) {
+    if (i == 3) {
+      // rel: n classes move from the CTA's reference to the row's, each by the difference.
+      const float n = ex.peer(r, kSplitMaxima + 4);
+      v = n > 0.0f ? v + n * (finite_or_zero(ex.peer(r, 0)) - finite_or_zero(m_row)) : 0.0f;
+    } else if (mi >= 0) {
       const float f = rescale(ex.peer(r, mi), m_row, scale);
       v = cross && !(f > 0.0f) ? 0.0f : v * f;
     }
@@ -1367,7 +1236,9 @@ __device__ __forceinline__ void combine_cluster(const ClusterExchange& ex, int s
   out[l] = sum;
 }
 
-template <typename S, typename Tt, int VEC>
+// SPARSE: the call has sparse teachers (their code in a separate instantiation, so that the dense
+// one keeps its registers; see launch).
+template <typename S, typename Tt, int VEC, bool SPARSE>
 __global__ void __launch_bounds__(kSplitThreads, kSplitBlocksPerSM)
     kd_loss_split_kernel(const __grid_constant__ KDLossArgs a, int split) {
   constexpr int U = kStreamElems / VEC;
@@ -1379,6 +1250,8 @@ __global__ void __launch_bounds__(kSplitThreads, kSplitBlocksPerSM)
   __shared__ float t_coef[kMaxTeachers];
   __shared__ float t_ref[kMaxTeachers];
   __shared__ const Tt* t_ptr[kMaxTeachers];
+  // Per active sparse teacher, for the fix-up after the gradient sweep.
+  __shared__ SparseRow sparse_rows[kMaxTeachers];
   Group group(kSplitThreads, smem);
   ClusterExchange ex(posted);
 
@@ -1409,6 +1282,7 @@ __global__ void __launch_bounds__(kSplitThreads, kSplitBlocksPerSM)
     const S* s_row = student_row<S>(a, row);
     const bool need_e1 = p.v != 0.0f && !unit_T;
     const bool need_sum = p.v != 0.0f && eps != 0.0f;
+    const bool need_rel = SPARSE && p.sparse != 0;
     StudentRun sr{neg_inf(), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     TeacherRun tr[kMaxTeachers];
 #pragma unroll
@@ -1416,7 +1290,7 @@ __global__ void __launch_bounds__(kSplitThreads, kSplitBlocksPerSM)
     for (int base = threadIdx.x; base < nv; base += U * kSplitThreads) {
       float xs[U][VEC];
       load_step<kSplitThreads>(s_row + c0, base, nv, xs);
-      student_step<kSplitThreads>(xs, base, nv, inv_T, need_e1, need_sum, false, sr);
+      student_step<kSplitThreads>(xs, base, nv, inv_T, need_e1, need_sum, need_rel, sr);
 #pragma unroll
       for (int k = 0; k < kMaxTeachers; ++k) {
         if ((p.active >> k) & 1u) {
@@ -1437,11 +1311,14 @@ __global__ void __launch_bounds__(kSplitThreads, kSplitBlocksPerSM)
     sums[0] = sr.z * rescale(sr.m, mx[0], inv_T);
     sums[1] = sr.z1 * rescale(sr.m, mx[0], 1.0f);
     sums[2] = sr.sum;
+    // Every thread's sum of s - ref moved to the CTA's reference (n = 0: nothing to move).
+    sums[3] = sr.n > 0.0f ? sr.rel + sr.n * (finite_or_zero(sr.m) - finite_or_zero(mx[0])) : 0.0f;
+    sums[4] = sr.n;
 #pragma unroll
     for (int k = 0; k < kMaxTeachers; ++k) {
       const float f = rescale(tr[k].m, mx[1 + k], inv_T);
-      sums[3 + k] = tr[k].z * f;
-      sums[3 + kMaxTeachers + k] = f > 0.0f ? tr[k].cross * f : 0.0f;
+      sums[5 + k] = tr[k].z * f;
+      sums[5 + kMaxTeachers + k] = f > 0.0f ? tr[k].cross * f : 0.0f;
     }
     group.sum(sums);
     // The row's statistics: the cluster's CTAs combined, or this CTA's when it holds the row.
@@ -1465,15 +1342,29 @@ __global__ void __launch_bounds__(kSplitThreads, kSplitBlocksPerSM)
     const float z_s = sums[0];
     const float z_1 = sums[1];
 
+    // Sparse teachers, in every CTA (each needs the tail probabilities for its sweep and its
+    // teachers' statistics for its fix-up); their tail probability joins the gradient's per-row
+    // constant.
+    float loss = 0.0f, c_tail = 0.0f;
+    bool bad_id = false;
+    for (unsigned sb = SPARSE ? p.sparse : 0u; sb != 0; sb &= sb - 1) {
+      const int j = __ffs(sb) - 1;
+      SparseRow r;
+      loss += sparse_teacher_loss(a, j, row, s_row, m_s, __logf(z_s), sums[3],
+                                  teacher_weight(a, a.num_teachers + j, row), T, inv_T,
+                                  static_cast<int>(threadIdx.x), kSplitThreads, group, r, bad_id);
+      c_tail += r.w * r.p_tail;
+      if (threadIdx.x == 0) sparse_rows[j] = r;
+    }
+
     if (writes_loss) {
       // Unrolled over all teachers, so that mx and sums stay in registers (static indices).
-      float loss = 0.0f;
 #pragma unroll
       for (int k = 0; k < kMaxTeachers; ++k) {
         if ((p.active >> k) & 1u) {
-          const float z_t = sums[3 + k];
+          const float z_t = sums[5 + k];
           loss += teacher_weight(a, k, row) * T *
-                  (sums[3 + kMaxTeachers + k] / z_t +
+                  (sums[5 + kMaxTeachers + k] / z_t +
                    lse_diff(m_s, __logf(z_s), finite_or_zero(mx[1 + k]), __logf(z_t), inv_T));
         }
       }
@@ -1483,7 +1374,7 @@ __global__ void __launch_bounds__(kSplitThreads, kSplitBlocksPerSM)
                                                           static_cast<float>(s_row[p.y]),
                                                           sums[2], eps, C);
       }
-      row_loss[row] = loss;
+      row_loss[row] = bad_id ? quiet_nan() : loss;
     }
 
     if (g_row != nullptr) {
@@ -1491,20 +1382,31 @@ __global__ void __launch_bounds__(kSplitThreads, kSplitBlocksPerSM)
 #pragma unroll
         for (int k = 0; k < kMaxTeachers; ++k) {
           if ((p.active >> k) & 1u) {
-            t_coef[k] = teacher_weight(a, k, row) / sums[3 + k];
+            t_coef[k] = teacher_weight(a, k, row) / sums[5 + k];
             t_ref[k] = finite_or_zero(mx[1 + k]);
             t_ptr[k] = teacher_row<Tt>(a, k, row) + c0;
           }
         }
       }
-      __syncthreads();  // t_coef / t_ref / t_ptr of this row are visible to every thread
+      __syncthreads();  // t_coef / t_ref / t_ptr / sparse_rows of this row are visible to all
       const bool use_e1 = p.v_g != 0.0f && !unit_T;
       const float c_q = p.w_sum / z_s + (p.v_g != 0.0f && unit_T ? p.v_g / z_s : 0.0f);
       const float c_1 = use_e1 ? p.v_g / z_1 : 0.0f;
-      const float c_off = p.v_g * eps / static_cast<float>(C);
+      const float c_off = p.v_g * eps / static_cast<float>(C) + c_tail;
       const float c_y = p.v_g * (1.0f - eps);
-      const SweepCoefs sweep{m_s, c_q, c_off, c_1, c_y, p.y - c0, use_e1, p.active, t_coef, t_ref};
-      gradient_sweep<kSplitThreads, U, VEC>(s_row + c0, t_ptr, g_row, nv, inv_T, sweep);
+      const SweepCoefs sweep{m_s, c_q, c_off, c_1, c_y, p.y, use_e1, p.active, t_coef, t_ref};
+      gradient_sweep<kSplitThreads, U, VEC>(s_row + c0, t_ptr, g_row, nv, c0, inv_T, sweep);
+      // The sparse teachers' ids in this slice, one teacher at a time (their ids may overlap),
+      // after the slice's stores. The next row's first writes to sparse_rows come after its
+      // reductions' barriers.
+      for (unsigned sb = SPARSE ? p.sparse : 0u; sb != 0; sb &= sb - 1) {
+        __syncthreads();
+        const int j = __ffs(sb) - 1;
+        sparse_teacher_fixup<S, Tt>(a, j, sb == p.sparse, row, sparse_rows[j], inv_T, s_row,
+                                    &sweep, g_row - c0, static_cast<int>(threadIdx.x),
+                                    kSplitThreads, static_cast<int>(c0),
+                                    static_cast<int>(c0) + nv * VEC);
+      }
     }
   }
   // No CTA leaves while a peer may still read its posted values.
@@ -1519,7 +1421,7 @@ __global__ void __launch_bounds__(kSplitThreads, kSplitBlocksPerSM)
 template <typename S, typename Tt, int DIV>
 __global__ void __launch_bounds__(kStreamThreads)
     kd_loss_div_stream_kernel(const __grid_constant__ KDLossArgs a) {
-  static_assert(DIV == kReverseKL || DIV == kJSD, "forward KL runs the split or streaming kernel");
+  static_assert(DIV == kReverseKL || DIV == kJSD, "forward KL runs the split kernel");
   constexpr int U = kStreamElems;
   using Group = RowGroup<kStreamThreads / 32, 6>;
   __shared__ float smem[Group::kSmemFloats];
@@ -1844,9 +1746,8 @@ inline LaunchPlan plan_launch(const KDLossArgs& a, const DeviceShape& d = {},
         std::min<int64_t>((a.rows + rows_per_block - 1) / rows_per_block, kMaxBlocks));
     return {KernelKind::resident, tpr, blocks, static_cast<unsigned>(tpr * rows_per_block)};
   }
-  // Forward KL with dense teachers only: the split kernel; sparse teachers and the other
-  // divergences stream a row per block.
-  if (a.divergence == kForwardKL && a.num_sparse == 0) {
+  // Forward KL: the split kernel; the other divergences stream a row per block.
+  if (a.divergence == kForwardKL) {
     const int split = plan_split(a, student_bytes, teacher_bytes, d);
     const auto blocks = static_cast<unsigned>(std::min<int64_t>(a.rows, kMaxBlocks / split) * split);
     return {KernelKind::split, kSplitThreads, blocks, static_cast<unsigned>(kSplitThreads), split};
@@ -1887,7 +1788,11 @@ cudaError_t launch(const KDLossArgs& a, const DeviceShape& d, cudaStream_t strea
                                       : kd_loss_resident_kernel<S, Tt, VEC, false, kForwardKL>;
     FASTKD_LAUNCH(kernel, p.blocks, p.threads, stream, a, p.threads_per_row);
   } else if (p.kernel == KernelKind::split) {
-    auto* kernel = kd_loss_split_kernel<S, Tt, VEC>;
+    // Sparse teachers have their own instantiation, which with a float32 student takes one
+    // element per access (its 16-byte vectors pushed ptxas past the register budget).
+    constexpr int kSparseVec = std::is_same_v<S, float> ? 1 : VEC;
+    auto* kernel = a.num_sparse > 0 ? kd_loss_split_kernel<S, Tt, kSparseVec, true>
+                                    : kd_loss_split_kernel<S, Tt, VEC, false>;
     if (p.split > 1) {
       const cudaError_t e =
           FASTKD_LAUNCH_CLUSTER(kernel, p.blocks, p.threads, p.split, stream, a, p.split);
@@ -1904,9 +1809,6 @@ cudaError_t launch(const KDLossArgs& a, const DeviceShape& d, cudaStream_t strea
     } else {
       FASTKD_LAUNCH(kernel, p.blocks, p.threads, stream, a, 1);
     }
-  } else {
-    auto* kernel = kd_loss_stream_kernel<S, Tt, VEC>;
-    FASTKD_LAUNCH(kernel, p.blocks, p.threads, stream, a);
   }
   return cudaGetLastError();
 }
