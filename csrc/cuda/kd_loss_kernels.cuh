@@ -1064,24 +1064,6 @@ __device__ __forceinline__ void teacher_step(const float (&xt)[U][VEC], const fl
   }
 }
 
-// One sweep over the row: the student's running sums when `student`, and teacher t_row's (which
-// may be null) running sums and cross term.
-template <int U, int VEC, typename S, typename Tt>
-__device__ void stream_stats(const S* s_row, const Tt* t_row, bool student, bool need_e1,
-                             bool need_sum, bool need_rel, int nvec, float inv_T, StudentRun& sr,
-                             TeacherRun& tr) {
-  for (int base = threadIdx.x; base < nvec; base += U * kStreamThreads) {
-    float xs[U][VEC];
-    float xt[U][VEC];
-    load_step(s_row, base, nvec, xs);
-    if (t_row != nullptr) load_step(t_row, base, nvec, xt);
-    if (student) {
-      student_step<kStreamThreads>(xs, base, nvec, inv_T, need_e1, need_sum, need_rel, sr);
-    }
-    if (t_row != nullptr) teacher_step(xt, xs, inv_T, tr);
-  }
-}
-
 // Zeros over nvec vectors of a gradient row (a row whose weights are all 0).
 template <int THREADS, int VEC, typename S>
 __device__ void store_zeros(S* g, int nvec) {
@@ -1459,8 +1441,11 @@ __global__ void __launch_bounds__(kStreamThreads)
     float m_s, z_s, z_1, sum_s;
     {
       StudentRun sr{neg_inf(), 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-      TeacherRun tr{neg_inf(), 0.0f, 0.0f};
-      stream_stats<U, 1, S, Tt>(s_row, nullptr, true, need_e1, need_sum, false, C, inv_T, sr, tr);
+      for (int base = tid; base < C; base += U * kStreamThreads) {
+        float xs[U][1];
+        load_step(s_row, base, C, xs);
+        student_step<kStreamThreads>(xs, base, C, inv_T, need_e1, need_sum, false, sr);
+      }
       const float mm = group.max(sr.m);
       float sums[3] = {sr.z * rescale(sr.m, mm, inv_T), sr.z1 * rescale(sr.m, mm, 1.0f), sr.sum};
       group.sum(sums);
